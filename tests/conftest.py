@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from nano_dit import NanoDiTTransformer2DModel
+
+# A model small enough that every test runs in well under a second on a CPU.
+TINY_CONFIG = dict(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    patch_size=2,
+    in_channels=4,
+    text_embed_dim=24,
+    image_embed_dim=16,
+    sample_size=8,
+)
+
+
+@pytest.fixture
+def tiny_config():
+    return dict(TINY_CONFIG)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
+    """Fill every parameter with noise, so that zero-initialised layers do not hide behaviour."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    torch.manual_seed(0)
+    return randomize_(NanoDiTTransformer2DModel(**tiny_config)).eval()
+
+
+def make_inputs(config, batch=2, height=8, width=8, text_len=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=torch.randn(batch, config["in_channels"], height, width, generator=g),
+        timestep=torch.rand(batch, generator=g) * 1000,
+        encoder_hidden_states=torch.randn(batch, text_len, config["text_embed_dim"], generator=g),
+        encoder_attention_mask=torch.ones(batch, text_len, dtype=torch.long),
+        image_embeds=torch.randn(batch, config["image_embed_dim"], generator=g),
+    )
