@@ -241,7 +241,9 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
         drop_image = self._drop_mask(drop_image, B, device, "drop_image", absent=image_embeds is None)
 
         # 1. Inputs.
-        x = self.pos_embed(hidden_states)  # (B, N, D), N = H·W / p²
+        # PatchEmbed returns a transposed view; without .contiguous() every residual add would
+        # inherit its (B, D, N) memory order and every LayerNorm would copy it back.
+        x = self.pos_embed(hidden_states).contiguous()  # (B, N, D), N = H·W / p²
         image_embeds = self._select(image_embeds, self.null_image_embed, drop_image, B, "image_embeds")
         cond = self.time_image_embed(timestep, image_embeds.to(x.dtype))  # (B, D)
         context, context_mask = self._context(

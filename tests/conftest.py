@@ -1,7 +1,12 @@
-import pytest
-import torch
+import os
 
-from nano_dit import NanoDiTTransformer2DModel
+# No test reaches the Hugging Face Hub: every model here is built or saved locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from nano_dit import NanoDiTTransformer2DModel  # noqa: E402
 
 # A model small enough that every test runs in well under a second on a CPU.
 TINY_CONFIG = dict(
