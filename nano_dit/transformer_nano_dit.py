@@ -58,7 +58,9 @@ class NanoDiTBlock(nn.Module):
         self.attn = Attention(
             query_dim=dim, heads=num_heads, dim_head=head_dim, bias=True, processor=AttnProcessor2_0()
         )
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        # No affine: a per-channel scale and shift right before the cross-attention projections
+        # is redundant with them (W·(γ⊙x + β) + b is again a linear map of x).
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.cross_attn = Attention(
             query_dim=dim,
             cross_attention_dim=dim,
@@ -77,11 +79,12 @@ class NanoDiTBlock(nn.Module):
         context: torch.Tensor,  # (B, S, D) text (+ DINOv3 patch) tokens
         context_mask: torch.Tensor,  # (B, 1, S) bool, True = attend
     ) -> torch.Tensor:
+        # addcmul(a, b, c) = a + b·c in one pass over the (B, N, D) tensors instead of two.
         h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=cond)
-        x = x + gate_msa[:, None] * self.attn(h)
+        x = torch.addcmul(x, gate_msa[:, None], self.attn(h))
         x = x + self.cross_attn(self.norm2(x), encoder_hidden_states=context, attention_mask=context_mask)
-        h = self.norm3(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        x = x + gate_mlp[:, None] * self.ff(h)
+        h = torch.addcmul(shift_mlp[:, None], self.norm3(x), 1 + scale_mlp[:, None])
+        x = torch.addcmul(x, gate_mlp[:, None], self.ff(h))
         return x
 
 
