@@ -250,7 +250,7 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
         image_embeds = self._select(image_embeds, self.null_image_embed, drop_image, B, "image_embeds")
         cond = self.time_image_embed(timestep, image_embeds.to(x.dtype))  # (B, D)
         context, context_mask = self._context(
-            encoder_hidden_states, encoder_attention_mask, image_tokens, drop_text, drop_image, B
+            encoder_hidden_states, encoder_attention_mask, image_tokens, drop_text, drop_image, B, x.dtype
         )  # (B, S, D), (B, 1, S)
 
         # 2. Blocks.
@@ -273,17 +273,22 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
     # ----------------------------------------------------------------------------------------
     # Conditioning helpers
     # ----------------------------------------------------------------------------------------
-    def _context(self, text, text_mask, image_tokens, drop_text, drop_image, B):
-        """Project text (and DINOv3 patch) tokens to the cross-attention context, nulls swapped in."""
+    def _context(self, text, text_mask, image_tokens, drop_text, drop_image, B, dtype):
+        """Project text (and DINOv3 patch) tokens to the cross-attention context, nulls swapped in.
+
+        Cached embeddings may come in another dtype (bf16 encoders); they are cast to the
+        working dtype of the token stream.
+        """
         text_tokens, text_mask = self._tokens(
             text, text_mask, self.null_text_embed, drop_text, B, "encoder_hidden_states"
         )
-        context = self.caption_projection(text_tokens)  # (B, L, D)
+        context = self.caption_projection(text_tokens.to(dtype))  # (B, L, D)
         if self.config.use_image_tokens:
             image_tokens, image_mask = self._tokens(
                 image_tokens, None, self.null_image_token, drop_image, B, "image_tokens"
             )
-            context = torch.cat([context, self.image_token_projection(image_tokens)], dim=1)  # (B, L+M, D)
+            image_context = self.image_token_projection(image_tokens.to(dtype))  # (B, M, D)
+            context = torch.cat([context, image_context], dim=1)  # (B, L+M, D)
             text_mask = torch.cat([text_mask, image_mask], dim=1)
         elif image_tokens is not None:
             raise ValueError(

@@ -150,8 +150,7 @@ class NanoDiTPipeline(DiffusionPipeline):
             `ImagePipelineOutput` with `images`, or a 1-tuple.
         """
         device = self._execution_device
-        if guidance_mode not in GUIDANCE_MODES:
-            raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
+        guidance_weights(guidance_mode, text_guidance_scale, image_guidance_scale)  # checks the mode early
         if text_guidance_scale < 0 or image_guidance_scale < 0:
             raise ValueError(
                 f"guidance scales must be >= 0, got text_guidance_scale={text_guidance_scale}, "
@@ -168,10 +167,10 @@ class NanoDiTPipeline(DiffusionPipeline):
         if image_embeds is None:
             image_guidance_scale = 0.0
         batch = self._batch_size(prompt_embeds, image_embeds) * num_images_per_prompt
-        prompt_embeds, prompt_attention_mask, image_embeds = (
-            None if t is None else t.repeat_interleave(num_images_per_prompt, dim=0).to(device)
-            for t in (prompt_embeds, prompt_attention_mask, image_embeds)
-        )
+        dtype = self.transformer.dtype
+        prompt_embeds = _per_image(prompt_embeds, num_images_per_prompt, device, dtype)
+        prompt_attention_mask = _per_image(prompt_attention_mask, num_images_per_prompt, device)
+        image_embeds = _per_image(image_embeds, num_images_per_prompt, device, dtype)
 
         # 2. Latents and the σ schedule (passed explicitly: the scheduler applies its shift once).
         latents = self._prepare_latents(batch, height, width, generator, latents, device)
@@ -239,6 +238,11 @@ class NanoDiTPipeline(DiffusionPipeline):
             latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
             image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return self.output_processor.postprocess(image, output_type=output_type)
+
+
+def _per_image(t: torch.Tensor | None, n: int, device, dtype=None) -> torch.Tensor | None:
+    """Each row repeated for the `n` images per prompt, on the pipeline's device (and dtype)."""
+    return None if t is None else t.repeat_interleave(n, dim=0).to(device=device, dtype=dtype)
 
 
 def _repeat(t: torch.Tensor | None, k: int) -> torch.Tensor | None:

@@ -204,3 +204,11 @@ def test_bad_input_raises_a_value_error_naming_it(tiny_model, tiny_config, case)
 def test_bad_config_raises_a_value_error():
     with pytest.raises(ValueError, match="hidden_size=30 is not divisible by num_attention_heads=4"):
         NanoDiTTransformer2DModel(**dict(TINY_CONFIG, hidden_size=30))
+
+
+def test_conditioning_in_another_dtype_is_cast_to_the_model_dtype(tiny_model, tiny_config):
+    inputs = make_inputs(tiny_config)
+    reference = _run(tiny_model, **inputs)
+    for key in ("encoder_hidden_states", "image_embeds"):
+        inputs[key] = inputs[key].double()
+    torch.testing.assert_close(_run(tiny_model, **inputs), reference)
