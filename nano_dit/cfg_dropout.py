@@ -66,7 +66,6 @@ class CFGDropout:
                 )
             counts.append(round(count))
 
-        self.probs = tuple(probs.values())
         self.counts = tuple(counts)  # per CFGMode, in its order
         self.bag_size = bag_size
         self.seed = seed

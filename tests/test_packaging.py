@@ -1,6 +1,7 @@
 """The package installs as a wheel with the pipeline under nano_dit.pipelines, never as `pipelines`."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,11 +12,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# What a source distribution carries; the wheel is built from a copy so the tree stays clean.
+SOURCES = ["nano_dit", "pipelines", "setup.cfg", "pyproject.toml", "README.md"]
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    for name in SOURCES:
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, src / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
         check=True,
         capture_output=True,
     )
