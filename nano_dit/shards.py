@@ -1,0 +1,309 @@
+"""WebDataset shards grouped by aspect bucket: buckets, image normalisation, writer and reader.
+
+Layout (DESIGN.md): `<root>/bucket_<W>x<H>/shard-<00000>.tar`, members `<key>.png|jpg` (image),
+`<key>.txt` (caption, UTF-8) and optionally `<key>.json` (metadata).
+
+Reading goes through `webdataset`'s tar iterators. Bad samples never stop a run and are never
+dropped silently: each is converted (colour modes, size) or skipped with a warning that names it,
+and counted in `ShardReader.stats`. Missing data and tar members whose names try to leave the
+folder are refused with an error.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageOps
+from webdataset.tariterators import tarfile_samples
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+BUCKET_DIR = re.compile(r"^bucket_(\d+)x(\d+)$")
+SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+$")  # webdataset splits keys at the first "."
+
+
+# --------------------------------------------------------------------------------------------
+# Buckets
+# --------------------------------------------------------------------------------------------
+def make_buckets(resolution: int, max_aspect: float = 2.0, multiple: int | None = None) -> list[tuple[int, int]]:
+    """(W, H) buckets of about `resolution`² pixels, sides multiples of `multiple`, square first.
+
+    `multiple` defaults to resolution / 8 (64 at 512: the Flux VAE's ×8 times patch 2, with room),
+    and at least 16.
+    """
+    multiple = multiple or max(16, resolution // 8)
+    if resolution % multiple:
+        raise ValueError(f"resolution {resolution} is not a multiple of {multiple}")
+    buckets = {(resolution, resolution)}
+    for w in range(multiple, 2 * resolution + 1, multiple):
+        h = max(multiple, round(resolution * resolution / w / multiple) * multiple)
+        if max(w / h, h / w) <= max_aspect:
+            buckets.update({(w, h), (h, w)})
+    return sorted(buckets, key=lambda b: (abs(math.log(b[0] / b[1])), b))
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to width / height (in log space)."""
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - aspect))
+
+
+def bucket_name(bucket: tuple[int, int]) -> str:
+    return f"bucket_{bucket[0]}x{bucket[1]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Images: colour modes and sizes
+# --------------------------------------------------------------------------------------------
+class SampleSkipped(Exception):
+    """A sample that cannot be used; the reader counts it and goes on."""
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
+    """RGB version of any PIL image, and what was converted (None when it was RGB already).
+
+    Alpha is composited over white; 16-bit and 32-bit grayscale are scaled to 8 bits (PIL's own
+    conversion would clip them); palette, grayscale and CMYK go through PIL's converters.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image, None
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
+        gray = np.clip(array / peak * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB"), f"{mode} -> RGB"
+    if mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), f"{mode} -> RGB over white"
+    return image.convert("RGB"), f"{mode} -> RGB"
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Resize so the image covers the bucket, then centre-crop to it exactly."""
+    return ImageOps.fit(image, bucket, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def check_size(image: Image.Image, bucket: tuple[int, int], min_side: int, max_aspect: float) -> None:
+    """Refuse (skip) images too small to upscale or too far from any bucket's shape."""
+    w, h = image.size
+    if min(w, h) < min_side:
+        raise SampleSkipped(f"image is {w}x{h}, smaller than the minimum side {min_side}")
+    crop = max((w / h) / (bucket[0] / bucket[1]), (bucket[0] / bucket[1]) / (w / h))
+    if crop > max_aspect:
+        raise SampleSkipped(
+            f"aspect ratio {w}x{h} is {crop:.1f}x off the nearest bucket {bucket[0]}x{bucket[1]} "
+            f"(more than {max_aspect}x would crop most of the picture)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------
+def write_shards(
+    samples: Iterable[dict], out_dir: str | os.PathLike, samples_per_shard: int = 20, overwrite: bool = False
+) -> Counter:
+    """Write samples (key, image, caption, optional meta) as shards grouped by image size.
+
+    Each image's size must be its bucket. Shards are written into `<out_dir>.partial` and moved
+    into place at the end, so an interrupted run never leaves a half-written set behind.
+    Returns the number of samples per bucket.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds data; pass overwrite=True (--overwrite) to replace it")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    writers: dict[tuple[int, int], wds.ShardWriter] = {}
+    counts: Counter = Counter()
+    try:
+        for sample in samples:
+            key = sample["key"]
+            if not SAFE_KEY.match(key):
+                raise ValueError(f"sample key {key!r} must match {SAFE_KEY.pattern} (no dots, slashes or spaces)")
+            bucket = sample["image"].size
+            if bucket not in writers:
+                folder = partial / bucket_name(bucket)
+                folder.mkdir(parents=True)
+                writers[bucket] = wds.ShardWriter(
+                    str(folder / "shard-%05d.tar"), maxcount=samples_per_shard, verbose=0
+                )
+            record = {"__key__": key, "png": _png_bytes(sample["image"]), "txt": sample["caption"]}
+            if sample.get("meta") is not None:
+                record["json"] = json.dumps(sample["meta"], sort_keys=True)
+            writers[bucket].write(record)
+            counts[bucket_name(bucket)] += 1
+    finally:
+        for writer in writers.values():
+            writer.close()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial.rename(out_dir)
+    return counts
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------
+# Reader
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ReadStats:
+    """What a reader saw: samples read, skipped (with the reason for each) and converted."""
+
+    read: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample or shard, reason)
+    converted: Counter = field(default_factory=Counter)  # reason -> count
+
+    def summary(self) -> str:
+        text = f"read {self.read} samples, skipped {len(self.skipped)}"
+        if self.converted:
+            text += "; converted " + ", ".join(f"{n} ({why})" for why, n in sorted(self.converted.items()))
+        return text
+
+
+def find_shards(root: str | os.PathLike) -> list[Path]:
+    """All `bucket_<W>x<H>/shard-*.tar` below root, sorted; a clear error when there are none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"shard folder {root} does not exist (make one with `nano-dit data synth` or `prepare`)"
+        )
+    shards = sorted(p for p in root.glob("bucket_*/shard-*.tar") if BUCKET_DIR.match(p.parent.name))
+    if not shards:
+        raise FileNotFoundError(f"no shards in {root}: expected {root}/bucket_<W>x<H>/shard-00000.tar")
+    return shards
+
+
+def shard_bucket(path: Path) -> tuple[int, int]:
+    match = BUCKET_DIR.match(path.parent.name)
+    return int(match.group(1)), int(match.group(2))
+
+
+class ShardReader:
+    """Iterate decoded samples from bucketed shards, one process's share of them.
+
+    Args:
+        root: the folder that holds the `bucket_<W>x<H>/` folders.
+        rank, world_size: this process's share (DDP); samples are split by position, so every
+            rank gets a disjoint part whatever the number of shards.
+        min_side, max_aspect: images smaller than `min_side` or needing more than `max_aspect`
+            of crop are skipped; others are fitted to their bucket.
+
+    Each sample is a dict: key, image (RGB PIL at the bucket size), caption, meta (dict or None),
+    bucket (W, H). `stats` counts what was read, skipped and converted. Inside DataLoader workers,
+    samples are split further by worker id.
+    """
+
+    def __init__(self, root, rank: int = 0, world_size: int = 1, min_side: int = 8, max_aspect: float = 2.0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.shards = find_shards(root)
+        self.rank, self.world_size = rank, world_size
+        self.min_side, self.max_aspect = min_side, max_aspect
+        self.stats = ReadStats()
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker_info()
+        share, num_shares = self.rank * num_workers + worker, self.world_size * num_workers
+        for index, raw in enumerate(self._raw_samples()):
+            if index % num_shares != share:
+                continue
+            sample = self._decode(raw)
+            if sample is not None:
+                self.stats.read += 1
+                yield sample
+
+    def _raw_samples(self) -> Iterator[dict]:
+        yield from tarfile_samples([{"url": str(p)} for p in self.shards], handler=self._shard_error)
+
+    def _shard_error(self, exn: Exception) -> bool:
+        where = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "a shard"
+        reason = f"unreadable tar data ({type(exn).__name__}: {exn.args[0] if exn.args else exn})"
+        logger.warning("skipping the rest of %s: %s", where, reason)
+        self.stats.skipped.append((str(where), reason))
+        return True  # go on with the next shard
+
+    def _decode(self, raw: dict) -> dict | None:
+        key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+        if ".." in key.split("/") or key.startswith("/"):
+            raise ValueError(f"tar member {key!r} in {url} tries to leave its folder; refusing this shard")
+        try:
+            return self._decode_sample(raw, key, Path(url))
+        except SampleSkipped as skip:
+            logger.warning("skipping sample %s in %s: %s", key, url, skip)
+            self.stats.skipped.append((key, str(skip)))
+            return None
+
+    def _decode_sample(self, raw: dict, key: str, url: Path) -> dict:
+        image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if image_ext is None:
+            raise SampleSkipped(f"no image ({'/'.join(IMAGE_EXTENSIONS)} member)")
+        if "txt" not in raw:
+            raise SampleSkipped("no caption (.txt member)")
+        try:
+            caption = raw["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            raise SampleSkipped(f"caption is not UTF-8 ({err.reason} at byte {err.start})") from None
+        if not caption:
+            raise SampleSkipped("caption is empty")
+        image = open_image(raw[image_ext])
+        image, converted = to_rgb(image)
+        bucket = shard_bucket(url)
+        check_size(image, bucket, self.min_side, self.max_aspect)
+        if image.size != bucket:
+            image, converted = fit_to_bucket(image, bucket), f"resized to {bucket[0]}x{bucket[1]}"
+        if converted:
+            self.stats.converted[converted] += 1
+        meta = json.loads(raw["json"]) if "json" in raw else None
+        return {"key": key, "image": image, "caption": caption, "meta": meta, "bucket": bucket}
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Decode image bytes fully (a truncated file fails here, not later); SampleSkipped if unreadable."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as err:  # PIL raises many types for bad data
+        raise SampleSkipped(f"unreadable image ({type(err).__name__}: {err})") from None
+    return image
+
+
+def _worker_info() -> tuple[int, int]:
+    import torch.utils.data
+
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def bucket_batches(samples: Iterable[dict], batch_size: int, drop_last: bool = False) -> Iterator[list[dict]]:
+    """Group samples into batches that never mix buckets (one open batch per bucket)."""
+    open_batches: dict[tuple[int, int], list[dict]] = {}
+    for sample in samples:
+        batch = open_batches.setdefault(sample["bucket"], [])
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield open_batches.pop(sample["bucket"])
+    if not drop_last:
+        yield from (b for b in open_batches.values() if b)
