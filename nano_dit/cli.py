@@ -1,9 +1,70 @@
-"""The `nano-dit` command: one entry point, a subcommand per job."""
+"""The `nano-dit` command: one entry point, a subcommand per job.
+
+nano-dit data synth --out data/shards/100 --resolution 512
+nano-dit data prepare my_images/ --out data/shards/mine --resolution 512
+nano-dit encoders make-tiny --out data/encoders/tiny
+nano-dit data encode --shards data/shards/100 --cache data/cache/100 --stand-in data/encoders/tiny
+nano-dit model-info --preset nano
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from nano_dit.shards import write_shards
+    from nano_dit.synthetic import synthetic_samples
+
+    samples = synthetic_samples(args.num_images, args.resolution, args.seed)
+    counts = write_shards(samples, args.out, args.samples_per_shard, overwrite=args.overwrite)
+    print(f"wrote {sum(counts.values())} synthetic images to {args.out} ({dict(counts)})")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from nano_dit.prepare import prepare_shards
+
+    report = prepare_shards(
+        args.src,
+        args.out,
+        resolution=args.resolution,
+        samples_per_shard=args.samples_per_shard,
+        max_aspect=args.max_aspect,
+        min_side=args.min_side,
+        overwrite=args.overwrite,
+    )
+    print(report.summary())
+    for name, reason in report.skipped:
+        print(f"  skipped {name}: {reason}")
+
+
+def _make_tiny(args: argparse.Namespace) -> None:
+    from nano_dit.encoders import make_stand_in_encoders
+
+    out = make_stand_in_encoders(args.out, seed=args.seed, image_size=args.image_size, with_vae=not args.no_vae)
+    print(f"wrote STAND-IN encoders (tiny, randomly initialised, not real T5 / DINOv3) to {out}")
+
+
+def _encode(args: argparse.Namespace) -> None:
+    from nano_dit.encoders import EncoderSpec
+    from nano_dit.feature_cache import encode_dataset
+
+    if args.stand_in:
+        spec = EncoderSpec.stand_in(args.stand_in, pixel_mode=args.pixel_mode)
+    else:
+        spec = EncoderSpec(
+            text_encoder=args.text_encoder,
+            image_encoder=args.image_encoder,
+            vae=None if args.pixel_mode else args.vae,
+            vae_subfolder=args.vae_subfolder,
+            revision=args.revision,
+            max_text_length=args.max_text_length,
+        )
+    report = encode_dataset(args.shards, args.cache, spec, batch_size=args.batch_size, device=args.device)
+    print(report.summary())
 
 
 def _model_info(args: argparse.Namespace) -> None:
@@ -15,10 +76,58 @@ def _model_info(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nano_dit.encoders import EncoderSpec
     from nano_dit.training import PRESETS
 
-    parser = argparse.ArgumentParser(prog="nano-dit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="nano-dit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make, import and encode datasets").add_subparsers(dest="action", required=True)
+    synth = data.add_parser("synth", help="write the synthetic shapes set as shards")
+    synth.add_argument("--out", required=True, help="shard folder, e.g. data/shards/100")
+    synth.add_argument("--resolution", type=int, default=512, help="image side in pixels (default 512)")
+    synth.add_argument("--num-images", type=int, default=100, help="how many images (default 100)")
+    synth.add_argument("--samples-per-shard", type=int, default=20, help="samples per tar (default 20: 5 shards)")
+    synth.add_argument("--seed", type=int, default=0, help="layout seed (default 0)")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    synth.set_defaults(func=_synth)
+
+    prepare = data.add_parser("prepare", help="shards from a folder of images with captions")
+    prepare.add_argument("src", help="folder of images with sidecar .txt captions, or with a metadata.jsonl")
+    prepare.add_argument("--out", required=True, help="shard folder to write")
+    prepare.add_argument("--resolution", type=int, default=512, help="bucket base resolution (default 512)")
+    prepare.add_argument("--samples-per-shard", type=int, default=100, help="samples per tar (default 100)")
+    prepare.add_argument("--max-aspect", type=float, default=2.0, help="widest bucket, and the largest crop")
+    prepare.add_argument("--min-side", type=int, default=None, help="skip smaller images (default resolution/4)")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    prepare.set_defaults(func=_prepare)
+
+    defaults = EncoderSpec()
+    encode = data.add_parser("encode", help="compute the feature cache (latents, T5, DINOv3) once")
+    encode.add_argument("--shards", required=True, help="shard folder to encode")
+    encode.add_argument("--cache", required=True, help="cache folder (reused across runs)")
+    encode.add_argument("--stand-in", default=None, help="folder of stand-in encoders (make-tiny); overrides the ids")
+    encode.add_argument("--text-encoder", default=defaults.text_encoder, help="T5 Hub id or folder")
+    encode.add_argument("--image-encoder", default=defaults.image_encoder, help="DINOv3 Hub id or folder")
+    encode.add_argument("--vae", default=defaults.vae, help="AutoencoderKL Hub id or folder")
+    encode.add_argument("--vae-subfolder", default=defaults.vae_subfolder, help="subfolder of --vae (default vae)")
+    encode.add_argument("--pixel-mode", action="store_true", help="no VAE: the latents are the pixels")
+    encode.add_argument("--revision", default=None, help="Hub revision to pin (keys the cache)")
+    encode.add_argument("--max-text-length", type=int, default=defaults.max_text_length, help="T5 token limit")
+    encode.add_argument("--batch-size", type=int, default=16, help="images per encoder call")
+    encode.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    encode.set_defaults(func=_encode)
+
+    encoders = sub.add_parser("encoders", help="encoder utilities").add_subparsers(dest="action", required=True)
+    tiny = encoders.add_parser("make-tiny", help="write tiny random stand-ins of T5, DINOv3 and the Flux VAE")
+    tiny.add_argument("--out", required=True, help="folder to write")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    tiny.add_argument("--image-size", type=int, default=64, help="DINOv3 input side (default 64)")
+    tiny.add_argument("--no-vae", action="store_true", help="skip the VAE (pixel mode only)")
+    tiny.set_defaults(func=_make_tiny)
+
     info = sub.add_parser("model-info", help="print a preset's model config and parameter count")
     info.add_argument("--preset", choices=sorted(PRESETS), default="nano", help="which preset (default: nano)")
     info.set_defaults(func=_model_info)
@@ -26,8 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"nano-dit {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

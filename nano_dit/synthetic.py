@@ -80,7 +80,8 @@ class Layout:
         return f"{things}, on a gradient background from {self.background[0]} to {self.background[1]}"
 
     def to_json(self) -> dict:
-        return {"caption": self.caption, "background": self.background, "objects": [asdict(o) for o in self.objects]}
+        objects = [{**asdict(o), "center": list(o.center)} for o in self.objects]  # JSON has no tuples
+        return {"caption": self.caption, "background": self.background, "objects": objects}
 
 
 def _where(position: str) -> str:

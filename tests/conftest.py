@@ -50,3 +50,11 @@ def make_inputs(config, batch=2, height=8, width=8, text_len=5, seed=0):
         encoder_attention_mask=torch.ones(batch, text_len, dtype=torch.long),
         image_embeds=torch.randn(batch, config["image_embed_dim"], generator=g),
     )
+
+
+@pytest.fixture(scope="session")
+def stand_in_dir(tmp_path_factory):
+    """Tiny random T5 / DINOv3 / Flux-layout VAE, written once per test session."""
+    from nano_dit.encoders import make_stand_in_encoders
+
+    return make_stand_in_encoders(tmp_path_factory.mktemp("encoders"), seed=0, image_size=32)

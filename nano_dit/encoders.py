@@ -1,0 +1,272 @@
+"""The frozen encoders: Flux VAE (or pixel mode), T5 text encoder, DINOv3 image encoder.
+
+Each is chosen by Hub id or local folder and loaded with `from_pretrained`, in bf16 on a GPU and
+fp32 on a CPU. The offline demo and the tests use *stand-in* encoders: tiny randomly initialised
+models of the same classes (`make_stand_in_encoders`), saved with `save_pretrained` and read back
+through the very same loading code. A folder of stand-ins carries a marker file, and everything
+that loads them says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+STAND_IN_MARKER = "nano_dit_stand_in.json"
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which encoders to use; the feature cache is keyed by these values.
+
+    `vae=None` is pixel mode: the "latents" are the image itself in [−1, 1].
+    """
+
+    text_encoder: str = "google/t5-v1_1-base"
+    image_encoder: str = "facebook/dinov3-vits16-pretrain-lvd1689m"
+    vae: str | None = "black-forest-labs/FLUX.1-schnell"
+    vae_subfolder: str | None = "vae"
+    revision: str | None = None  # Hub revision for all three; pin it to key the cache on exact weights
+    max_text_length: int = 128
+
+    @classmethod
+    def stand_in(cls, folder: str | os.PathLike, pixel_mode: bool = False) -> EncoderSpec:
+        """The stand-ins written by `make_stand_in_encoders(folder)`."""
+        folder = Path(folder)
+        if not (folder / STAND_IN_MARKER).exists():
+            raise FileNotFoundError(
+                f"{folder} holds no stand-in encoders (run `nano-dit encoders make-tiny --out {folder}`)"
+            )
+        vae = None if pixel_mode or not (folder / "vae").exists() else str(folder / "vae")
+        return cls(str(folder / "t5"), str(folder / "dinov3"), vae, None)
+
+    def fingerprint(self, kind: str) -> str:
+        """A stable string per feature kind ("latents", "text", "image"): change it, recompute that kind."""
+        if kind == "latents":
+            if self.vae is None:
+                return "pixels"
+            return f"vae:{self.vae}/{self.vae_subfolder or ''}@{_version_of(self.vae, self.revision)}"
+        if kind == "text":
+            return f"t5:{self.text_encoder}@{_version_of(self.text_encoder, self.revision)}:max{self.max_text_length}"
+        if kind == "image":
+            return f"dinov3:{self.image_encoder}@{_version_of(self.image_encoder, self.revision)}"
+        raise ValueError(f"kind must be 'latents', 'text' or 'image', got {kind!r}")
+
+    @property
+    def uses_stand_ins(self) -> bool:
+        return any(
+            (Path(p).parent / STAND_IN_MARKER).exists()
+            for p in (self.text_encoder, self.image_encoder, self.vae)
+            if p is not None and Path(p).exists()
+        )
+
+
+def _version_of(name: str, revision: str | None) -> str:
+    """A Hub id's version is its revision; a local folder's is a hash of its files.
+
+    Files up to 64 MiB are hashed by content (so rewriting identical stand-ins keeps the cache);
+    larger ones by size and modification time, to keep this fast for local copies of real models.
+    """
+    path = Path(name)
+    if not path.exists():
+        return revision or "main"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(str(file.relative_to(path)).encode())
+        if stat.st_size <= 64 * 2**20:
+            digest.update(file.read_bytes())
+        else:
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return "local-" + digest.hexdigest()[:16]
+
+
+class ConditioningEncoders:
+    """Loads the three encoders and turns images and captions into model inputs.
+
+    Args:
+        spec: which encoders (`EncoderSpec`).
+        device: where to run them; bf16 on CUDA, fp32 elsewhere.
+    """
+
+    def __init__(self, spec: EncoderSpec, device: str | torch.device | None = None):
+        from diffusers import AutoencoderKL
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, T5EncoderModel
+
+        self.spec = spec
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if spec.uses_stand_ins:
+            logger.warning(
+                "using STAND-IN encoders (tiny, randomly initialised): results say nothing about real T5 / DINOv3"
+            )
+        load = {"revision": spec.revision}
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.text_encoder, **load)
+        self.text_encoder = T5EncoderModel.from_pretrained(spec.text_encoder, dtype=self.dtype, **load)
+        self.image_processor = AutoImageProcessor.from_pretrained(spec.image_encoder, **load)
+        self.image_encoder = AutoModel.from_pretrained(spec.image_encoder, dtype=self.dtype, **load)
+        self.vae = None
+        if spec.vae is not None:
+            self.vae = AutoencoderKL.from_pretrained(
+                spec.vae, subfolder=spec.vae_subfolder, torch_dtype=self.dtype, **load
+            )
+        for model in (self.text_encoder, self.image_encoder, self.vae):
+            if model is not None:
+                model.to(self.device).eval().requires_grad_(False)
+
+    @property
+    def text_embed_dim(self) -> int:
+        return self.text_encoder.config.d_model
+
+    @property
+    def image_embed_dim(self) -> int:
+        return self.image_encoder.config.hidden_size
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 token embeddings (B, L, D) and their attention mask (B, L), padded to the longest."""
+        tokens = self.tokenizer(
+            captions,
+            padding="longest",
+            max_length=self.spec.max_text_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = tokens.attention_mask.to(self.device)
+        embeds = self.text_encoder(input_ids=tokens.input_ids.to(self.device), attention_mask=mask).last_hidden_state
+        return embeds, mask
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """DINOv3 global embedding (B, Di) — the CLS token — and patch tokens (B, M, Di)."""
+        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
+        out = self.image_encoder(pixel_values=pixels.to(self.device, self.dtype))
+        first_patch = 1 + getattr(self.image_encoder.config, "num_register_tokens", 0)
+        return out.pooler_output, out.last_hidden_state[:, first_patch:]
+
+    @torch.no_grad()
+    def encode_latents(self, images: list[Image.Image]) -> torch.Tensor:
+        """Model-space latents (B, C, h, w): `(mean − shift)·scale` from the VAE, or the pixels."""
+        pixels = images_to_tensor(images).to(self.device)  # (B, 3, H, W) in [−1, 1]
+        if self.vae is None:
+            return pixels
+        latents = self.vae.encode(pixels.to(self.dtype)).latent_dist.mode()
+        return (latents - vae_shift(self.vae)) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [−1, 1] from model-space latents; the inverse of `encode_latents`."""
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        latents = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor + vae_shift(self.vae)
+        return self.vae.decode(latents).sample.clamp(-1, 1)
+
+
+def vae_shift(vae) -> float:
+    """The VAE's latent shift (Flux has one; SD-style VAEs have none)."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
+
+
+def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """RGB PIL images of one size -> (B, 3, H, W) float in [−1, 1]."""
+    arrays = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])  # (B, H, W, 3)
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Stand-in encoders
+# --------------------------------------------------------------------------------------------
+def make_stand_in_encoders(
+    out_dir: str | os.PathLike,
+    vocabulary: list[str] | None = None,
+    seed: int = 0,
+    image_size: int = 64,
+    width: int = 64,
+    with_vae: bool = True,
+) -> Path:
+    """Write tiny, randomly initialised T5 / DINOv3 / Flux-layout VAE models with `save_pretrained`.
+
+    Layout: `<out_dir>/t5/` (T5EncoderModel + a word-level tokenizer built offline from
+    `vocabulary`), `<out_dir>/dinov3/` (DINOv3ViTModel + its image processor), `<out_dir>/vae/`
+    (AutoencoderKL with 16 latent channels and the Flux shift / scale), and a marker file.
+    Deterministic for a seed.
+    """
+    from diffusers import AutoencoderKL
+    from transformers import DINOv3ViTConfig, DINOv3ViTImageProcessor, DINOv3ViTModel, T5Config, T5EncoderModel
+
+    from .synthetic import WORDS
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _word_level_tokenizer(vocabulary or WORDS)
+    tokenizer.save_pretrained(out_dir / "t5")
+
+    torch.manual_seed(seed)
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2, num_heads=4)
+    )
+    t5.save_pretrained(out_dir / "t5")
+
+    torch.manual_seed(seed + 1)
+    dino_config = DINOv3ViTConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=16,
+        image_size=image_size,
+        num_register_tokens=4,
+    )
+    DINOv3ViTModel(dino_config).save_pretrained(out_dir / "dinov3")
+    DINOv3ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out_dir / "dinov3")
+
+    if with_vae:
+        torch.manual_seed(seed + 2)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,  # x8 down, as the Flux VAE
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            scaling_factor=0.3611,  # the Flux VAE's
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+        vae.save_pretrained(out_dir / "vae")
+
+    marker = {"stand_in": True, "seed": seed, "note": "tiny randomly initialised encoders for offline tests and demos"}
+    (out_dir / STAND_IN_MARKER).write_text(json.dumps(marker, indent=2))
+    return out_dir
+
+
+def _word_level_tokenizer(vocabulary: list[str]):
+    """A T5-style tokenizer (pad 0, EOS 1, unk 2; EOS appended) over whole lower-cased words."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    words = [w for w in dict.fromkeys(v.lower() for v in vocabulary) if w not in specials]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def describe(spec: EncoderSpec) -> dict:
+    return {**asdict(spec), "stand_in": spec.uses_stand_ins}

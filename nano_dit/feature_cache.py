@@ -1,0 +1,267 @@
+"""Encoder outputs computed once and cached in safetensors.
+
+    <cache>/manifest.json                               samples (key, bucket, hashes) + encoder spec
+    <cache>/latents/<fingerprint>/bucket_WxH.safetensors  VAE latents (or pixels), by image hash
+    <cache>/text/<fingerprint>.safetensors                 T5 tokens (valid ones only), by caption hash
+    <cache>/image/<fingerprint>/bucket_WxH.safetensors     DINOv3 global + patch tokens, by image hash
+
+Each kind lives under the fingerprint of the one encoder it depends on (`EncoderSpec.fingerprint`),
+and each entry is keyed by what it was computed from (the image's pixels at its bucket size, or the
+caption), so a change of VAE recomputes latents only, a new caption recomputes that caption only,
+and a run whose inputs are all cached loads no encoder at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .encoders import ConditioningEncoders, EncoderSpec, describe
+from .shards import ShardReader, bucket_name
+
+MANIFEST = "manifest.json"
+
+
+def image_hash(image) -> str:
+    """Content hash of an RGB image's pixels and size (so the resolution is part of the key)."""
+    return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()[:32]
+
+
+def text_hash(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
+
+
+def _dir_name(fingerprint: str) -> str:
+    return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
+
+class TensorStore:
+    """One safetensors file of named tensors, read whole and rewritten atomically."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path = path
+        self.fingerprint = fingerprint
+        self.tensors: dict[str, torch.Tensor] = load_file(path) if path.exists() else {}
+        self.dirty = False
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        self.tensors[name] = tensor.detach().to("cpu").contiguous()
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        save_file(self.tensors, tmp, metadata={"fingerprint": self.fingerprint})
+        os.replace(tmp, self.path)  # a crash mid-write leaves the previous file whole
+        self.dirty = False
+
+
+@dataclass
+class EncodeReport:
+    samples: int
+    encoded: dict[str, int]  # kind -> entries computed now
+    reused: dict[str, int]  # kind -> entries found in the cache
+    skipped: list[tuple[str, str]]  # (sample, reason) from the shard reader
+    stand_in: bool
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k}: {self.encoded[k]} encoded / {self.reused[k]} cached" for k in self.encoded)
+        note = " (STAND-IN encoders)" if self.stand_in else ""
+        return f"{self.samples} samples, {len(self.skipped)} skipped; {kinds}{note}"
+
+
+def encode_dataset(
+    shard_root: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    spec: EncoderSpec,
+    batch_size: int = 16,
+    device: str | None = None,
+    load_encoders: Callable[[EncoderSpec, str | None], ConditioningEncoders] = ConditioningEncoders,
+) -> EncodeReport:
+    """Fill the cache for every sample of the shards; encoders load only if something is missing."""
+    cache_dir = Path(cache_dir)
+    reader = ShardReader(shard_root)
+    samples = list(tqdm(reader, desc="read shards", unit="img"))
+    if not samples:
+        raise ValueError(f"no usable samples in {shard_root}: {reader.stats.summary()}")
+    for s in samples:
+        s["image_hash"], s["text_hash"] = image_hash(s["image"]), text_hash(s["caption"])
+
+    stores = _open_stores(cache_dir, spec, {s["bucket"] for s in samples})
+    todo = {
+        "latents": [s for s in samples if s["image_hash"] not in stores["latents"][s["bucket"]]],
+        "text": [s for s in samples if s["text_hash"] not in stores["text"]],
+        "image": [s for s in samples if f"{s['image_hash']}.global" not in stores["image"][s["bucket"]]],
+    }
+    todo["text"] = list({s["text_hash"]: s for s in todo["text"]}.values())  # each caption once
+    encoders = load_encoders(spec, device) if any(todo.values()) else None
+    for kind, pending in todo.items():
+        for batch in _batches(pending, batch_size, desc=f"encode {kind}"):
+            _encode_batch(kind, batch, encoders, stores)
+
+    for store in _all(stores):
+        store.save()
+    _write_manifest(cache_dir, spec, samples)
+    reused = {kind: len(samples) - len(pending) for kind, pending in todo.items()}
+    reused["text"] = len({s["text_hash"] for s in samples}) - len(todo["text"])
+    return EncodeReport(
+        samples=len(samples),
+        encoded={kind: len(pending) for kind, pending in todo.items()},
+        reused=reused,
+        skipped=reader.stats.skipped,
+        stand_in=spec.uses_stand_ins,
+    )
+
+
+def _open_stores(cache_dir: Path, spec: EncoderSpec, buckets) -> dict:
+    def per_bucket(kind):
+        fp = spec.fingerprint(kind)
+        folder = cache_dir / kind / _dir_name(fp)
+        return {b: TensorStore(folder / f"{bucket_name(b)}.safetensors", fp) for b in buckets}
+
+    text_fp = spec.fingerprint("text")
+    return {
+        "latents": per_bucket("latents"),
+        "text": TensorStore(cache_dir / "text" / f"{_dir_name(text_fp)}.safetensors", text_fp),
+        "image": per_bucket("image"),
+    }
+
+
+def _all(stores: dict) -> list[TensorStore]:
+    return [s for v in stores.values() for s in (v.values() if isinstance(v, dict) else [v])]
+
+
+def _batches(items: list[dict], batch_size: int, desc: str):
+    """Batches of one bucket each (the VAE needs equal sizes), with a progress bar."""
+    by_bucket = defaultdict(list)
+    for item in items:
+        by_bucket[item["bucket"]].append(item)
+    with tqdm(total=len(items), desc=desc, unit="img", disable=not items) as bar:
+        for group in by_bucket.values():
+            for i in range(0, len(group), batch_size):
+                yield group[i : i + batch_size]
+                bar.update(len(group[i : i + batch_size]))
+
+
+def _encode_batch(kind: str, batch: list[dict], encoders: ConditioningEncoders, stores: dict) -> None:
+    if kind == "latents":
+        latents = encoders.encode_latents([s["image"] for s in batch])
+        for s, z in zip(batch, latents):
+            stores["latents"][s["bucket"]].put(s["image_hash"], z)
+    elif kind == "text":
+        embeds, mask = encoders.encode_text([s["caption"] for s in batch])
+        for s, e, m in zip(batch, embeds, mask):
+            stores["text"].put(s["text_hash"], e[: int(m.sum())])  # valid tokens only; padded at load
+    else:
+        global_embeds, tokens = encoders.encode_images([s["image"] for s in batch])
+        for s, g, t in zip(batch, global_embeds, tokens):
+            store = stores["image"][s["bucket"]]
+            store.put(f"{s['image_hash']}.global", g)
+            store.put(f"{s['image_hash']}.tokens", t)
+
+
+def _write_manifest(cache_dir: Path, spec: EncoderSpec, samples: list[dict]) -> None:
+    manifest = {
+        "encoders": describe(spec),
+        "fingerprints": {kind: spec.fingerprint(kind) for kind in ("latents", "text", "image")},
+        "samples": [
+            {
+                "key": s["key"],
+                "bucket": list(s["bucket"]),
+                "caption": s["caption"],
+                "image_hash": s["image_hash"],
+                "text_hash": s["text_hash"],
+                "meta": s["meta"],
+            }
+            for s in samples
+        ],
+    }
+    tmp = cache_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, cache_dir / MANIFEST)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the cache (training and validation)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CachedBucket:
+    """Every cached sample of one bucket, stacked (N first); text padded to the longest caption."""
+
+    bucket: tuple[int, int]
+    keys: list[str]
+    captions: list[str]
+    meta: list[dict | None]
+    latents: torch.Tensor  # (N, C, h, w)
+    text_embeds: torch.Tensor  # (N, L, D)
+    text_mask: torch.Tensor  # (N, L) 1 = token, 0 = padding
+    image_embeds: torch.Tensor  # (N, Di) DINOv3 global
+    image_tokens: torch.Tensor  # (N, M, Di) DINOv3 patch tokens
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_cache(cache_dir: str | os.PathLike) -> tuple[dict, list[CachedBucket]]:
+    """The manifest and one `CachedBucket` per bucket; no encoder is loaded."""
+    cache_dir = Path(cache_dir)
+    path = cache_dir / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no feature cache at {cache_dir} (run `nano-dit data encode` first)")
+    manifest = json.loads(path.read_text())
+    fps = manifest["fingerprints"]
+    text = _load(cache_dir / "text" / f"{_dir_name(fps['text'])}.safetensors")
+    by_bucket = defaultdict(list)
+    for s in manifest["samples"]:
+        by_bucket[tuple(s["bucket"])].append(s)
+    buckets = []
+    for bucket, samples in sorted(by_bucket.items()):
+        name = f"{bucket_name(bucket)}.safetensors"
+        latents = _load(cache_dir / "latents" / _dir_name(fps["latents"]) / name)
+        image = _load(cache_dir / "image" / _dir_name(fps["image"]) / name)
+        missing = [
+            s["key"]
+            for s in samples
+            if s["image_hash"] not in latents or f"{s['image_hash']}.global" not in image or s["text_hash"] not in text
+        ]
+        if missing:
+            raise ValueError(
+                f"feature cache {cache_dir} lacks entries for {len(missing)} samples (first: {missing[0]}); "
+                "run `nano-dit data encode` again"
+            )
+        embeds = [text[s["text_hash"]] for s in samples]
+        L = max(e.shape[0] for e in embeds)
+        buckets.append(
+            CachedBucket(
+                bucket=bucket,
+                keys=[s["key"] for s in samples],
+                captions=[s["caption"] for s in samples],
+                meta=[s["meta"] for s in samples],
+                latents=torch.stack([latents[s["image_hash"]] for s in samples]),
+                text_embeds=torch.stack([torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[0])) for e in embeds]),
+                text_mask=torch.stack([(torch.arange(L) < e.shape[0]).long() for e in embeds]),
+                image_embeds=torch.stack([image[f"{s['image_hash']}.global"] for s in samples]),
+                image_tokens=torch.stack([image[f"{s['image_hash']}.tokens"] for s in samples]),
+            )
+        )
+    return manifest, buckets
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise FileNotFoundError(f"feature cache file {path} is missing; run `nano-dit data encode` again")
+    return load_file(path)

@@ -1,0 +1,26 @@
+import pytest
+
+from nano_dit.cli import main
+from nano_dit.feature_cache import load_cache
+
+
+def test_synth_make_tiny_and_encode_give_a_ready_cache(tmp_path, capsys):
+    shards, encoders, cache = tmp_path / "shards", tmp_path / "tiny", tmp_path / "cache"
+    main(
+        ["data", "synth", "--out", str(shards), "--resolution", "32", "--num-images", "10", "--samples-per-shard", "2"]
+    )
+    assert len(list(shards.glob("bucket_32x32/shard-*.tar"))) == 5
+    main(["encoders", "make-tiny", "--out", str(encoders), "--image-size", "32"])
+    main(["data", "encode", "--shards", str(shards), "--cache", str(cache), "--stand-in", str(encoders)])
+    out = capsys.readouterr().out
+    assert "wrote 10 synthetic images" in out and "STAND-IN" in out
+    assert "latents: 10 encoded / 0 cached" in out
+    _, (bucket,) = load_cache(cache)
+    assert len(bucket) == 10 and bucket.latents.shape[1] == 16
+
+
+def test_user_errors_end_with_a_message_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "encode", "--shards", str(tmp_path / "none"), "--cache", str(tmp_path / "c"), "--pixel-mode"])
+    assert exit_info.value.code == 2
+    assert "shard folder" in capsys.readouterr().err

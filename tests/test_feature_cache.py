@@ -1,0 +1,98 @@
+import torch
+
+from nano_dit.encoders import ConditioningEncoders, EncoderSpec
+from nano_dit.feature_cache import encode_dataset, load_cache
+from nano_dit.shards import write_shards
+from nano_dit.synthetic import synthetic_samples
+
+
+class CountingEncoders(ConditioningEncoders):
+    """The real encoders, counting how often each is called (and how often they are loaded)."""
+
+    loads = 0
+
+    def __init__(self, spec, device=None):
+        super().__init__(spec, device)
+        CountingEncoders.loads += 1
+        self.calls = {"latents": 0, "text": 0, "image": 0}
+
+    def encode_latents(self, images):
+        self.calls["latents"] += len(images)
+        return super().encode_latents(images)
+
+    def encode_text(self, captions):
+        self.calls["text"] += len(captions)
+        return super().encode_text(captions)
+
+    def encode_images(self, images):
+        self.calls["image"] += len(images)
+        return super().encode_images(images)
+
+
+def _encode(shards, cache, spec):
+    return encode_dataset(shards, cache, spec, batch_size=4, device="cpu", load_encoders=CountingEncoders)
+
+
+def test_round_trip_synth_shards_cache_with_the_vae(tmp_path, stand_in_dir):
+    write_shards(synthetic_samples(10, 32), tmp_path / "shards", samples_per_shard=4)
+    spec = EncoderSpec.stand_in(stand_in_dir)
+    report = _encode(tmp_path / "shards", tmp_path / "cache", spec)
+    assert report.encoded == {"latents": 10, "text": 10, "image": 10} and report.stand_in
+
+    manifest, (bucket,) = load_cache(tmp_path / "cache")
+    assert manifest["encoders"]["stand_in"] is True and bucket.bucket == (32, 32)
+    assert bucket.latents.shape == (10, 16, 4, 4)
+    assert bucket.text_embeds.shape[:2] == bucket.text_mask.shape and bucket.image_tokens.shape[:2] == (10, 4)
+
+    # The cached values are what the encoders give for those very samples.
+    encoders = ConditioningEncoders(spec, device="cpu")
+    samples = list(synthetic_samples(10, 32))
+    order = [bucket.keys.index(s["key"]) for s in samples]
+    torch.testing.assert_close(bucket.latents[order], encoders.encode_latents([s["image"] for s in samples]))
+    embeds, mask = encoders.encode_text([s["caption"] for s in samples])
+    L = mask.shape[1]
+    torch.testing.assert_close(bucket.text_mask[order][:, :L], mask)
+    torch.testing.assert_close(bucket.text_embeds[order][:, :L] * mask[..., None], embeds * mask[..., None])
+    torch.testing.assert_close(bucket.image_embeds[order], encoders.encode_images([s["image"] for s in samples])[0])
+
+
+def test_a_second_run_loads_no_encoder(tmp_path, stand_in_dir):
+    write_shards(synthetic_samples(6, 32), tmp_path / "shards")
+    spec = EncoderSpec.stand_in(stand_in_dir)
+    _encode(tmp_path / "shards", tmp_path / "cache", spec)
+    loads = CountingEncoders.loads
+    report = _encode(tmp_path / "shards", tmp_path / "cache", spec)
+    assert CountingEncoders.loads == loads  # nothing to compute, nothing loaded
+    assert report.encoded == {"latents": 0, "text": 0, "image": 0}
+    assert report.reused == {"latents": 6, "text": 6, "image": 6}
+
+
+def test_a_new_vae_recomputes_latents_only(tmp_path, stand_in_dir, monkeypatch):
+    write_shards(synthetic_samples(6, 32), tmp_path / "shards")
+    spec = EncoderSpec.stand_in(stand_in_dir)
+    _encode(tmp_path / "shards", tmp_path / "cache", spec)
+    pixel_spec = EncoderSpec.stand_in(stand_in_dir, pixel_mode=True)
+    report = _encode(tmp_path / "shards", tmp_path / "cache", pixel_spec)
+    assert report.encoded == {"latents": 6, "text": 0, "image": 0}
+    _, (bucket,) = load_cache(tmp_path / "cache")
+    assert bucket.latents.shape == (6, 3, 32, 32)  # the manifest now points at the pixel latents
+
+
+def test_new_samples_are_encoded_alone(tmp_path, stand_in_dir):
+    spec = EncoderSpec.stand_in(stand_in_dir)
+    write_shards(synthetic_samples(4, 32), tmp_path / "shards")
+    _encode(tmp_path / "shards", tmp_path / "cache", spec)
+    write_shards(synthetic_samples(7, 32), tmp_path / "shards", overwrite=True)  # the first 4 are the same
+    report = _encode(tmp_path / "shards", tmp_path / "cache", spec)
+    assert report.encoded == {"latents": 3, "text": 3, "image": 3}
+    _, (bucket,) = load_cache(tmp_path / "cache")
+    assert len(bucket) == 7
+
+
+def test_a_new_resolution_recomputes_the_images_but_not_the_captions(tmp_path, stand_in_dir):
+    spec = EncoderSpec.stand_in(stand_in_dir)
+    write_shards(synthetic_samples(4, 32), tmp_path / "shards")
+    _encode(tmp_path / "shards", tmp_path / "cache", spec)
+    write_shards(synthetic_samples(4, 64), tmp_path / "shards", overwrite=True)
+    report = _encode(tmp_path / "shards", tmp_path / "cache", spec)
+    assert report.encoded == {"latents": 4, "text": 0, "image": 4}

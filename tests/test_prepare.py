@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nano_dit.prepare import prepare_shards
+from nano_dit.shards import ShardReader
+
+
+def _image(path, size=(96, 64), mode="RGB", color=(10, 200, 30)):
+    Image.new("RGB", size, color).convert(mode).save(path)
+
+
+def test_a_folder_with_sidecar_captions_becomes_bucketed_shards(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, size in enumerate([(96, 64), (64, 96), (64, 64), (100, 64)]):
+        _image(src / f"img {i}.png", size)
+        (src / f"img {i}.txt").write_text(f"picture number {i}")
+    report = prepare_shards(src, tmp_path / "out", resolution=64, min_side=16)
+    assert sum(report.written.values()) == 4 and report.skipped == []
+    samples = list(ShardReader(tmp_path / "out"))
+    for s in samples:
+        assert s["image"].size == s["bucket"]
+        w, h = s["bucket"]
+        assert 0.75 < w * h / 64**2 < 1.3
+    wide = next(s for s in samples if s["caption"] == "picture number 0")
+    assert wide["bucket"][0] > wide["bucket"][1]  # landscape stays landscape
+    assert len({s["bucket"] for s in samples}) >= 3
+
+
+def test_metadata_jsonl_is_read_and_paths_outside_are_refused(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _image(src / "a.jpg", (64, 64))
+    (src / "metadata.jsonl").write_text(json.dumps({"file_name": "a.jpg", "text": "a green picture"}) + "\n")
+    prepare_shards(src, tmp_path / "out", resolution=64)
+    assert [s["caption"] for s in ShardReader(tmp_path / "out")] == ["a green picture"]
+
+    (src / "metadata.jsonl").write_text(json.dumps({"file_name": "../secret.png", "text": "x"}) + "\n")
+    with pytest.raises(ValueError, match="points outside"):
+        prepare_shards(src, tmp_path / "out2", resolution=64)
+
+
+@pytest.mark.parametrize(
+    "name,write,reason",
+    [
+        ("tiny", lambda p: _image(p.with_suffix(".png"), (1, 1)), "smaller than the minimum side"),
+        ("strip", lambda p: _image(p.with_suffix(".png"), (640, 32)), "aspect ratio 640x32"),
+        ("broken", lambda p: p.with_suffix(".png").write_bytes(b"\x89PNG garbage"), "unreadable image"),
+        ("nocap", lambda p: _image(p.with_suffix(".jpg")), "no caption"),
+        ("latin", lambda p: _image(p.with_suffix(".png")), "not UTF-8"),
+    ],
+)
+def test_unusable_images_are_skipped_and_reported(tmp_path, name, write, reason):
+    src = tmp_path / "src"
+    src.mkdir()
+    _image(src / "good.png")
+    (src / "good.txt").write_text("fine")
+    write(src / name)
+    if name != "nocap":
+        (src / f"{name}.txt").write_bytes("café".encode("latin-1") if name == "latin" else b"caption")
+    report = prepare_shards(src, tmp_path / "out", resolution=64)
+    assert sum(report.written.values()) == 1
+    assert len(report.skipped) == 1 and name in report.skipped[0][0] and reason in report.skipped[0][1]
+    assert "skipped 1" in report.summary()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_colour_modes_are_converted_and_counted(tmp_path, mode):
+    src = tmp_path / "src"
+    src.mkdir()
+    path = src / ("x.jpg" if mode == "CMYK" else "x.png")
+    _image(path, (64, 64), mode)
+    (src / "x.txt").write_text("converted")
+    report = prepare_shards(src, tmp_path / "out", resolution=64)
+    assert sum(report.converted.values()) == 1 and mode in next(iter(report.converted))
+    (sample,) = ShardReader(tmp_path / "out")
+    assert np.asarray(sample["image"]).shape == (64, 64, 3)
+
+
+def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.full((64, 64), 32768, dtype=np.uint16)).save(src / "deep.png")
+    (src / "deep.txt").write_text("mid gray")
+    prepare_shards(src, tmp_path / "out", resolution=64)
+    (sample,) = ShardReader(tmp_path / "out")
+    assert abs(int(np.asarray(sample["image"])[0, 0, 0]) - 128) <= 1
+
+
+def test_an_empty_or_missing_source_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_shards(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no images"):
+        prepare_shards(tmp_path / "empty", tmp_path / "out")
