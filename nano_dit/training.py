@@ -5,35 +5,56 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from torch.utils.data import TensorDataset
+
+from .encoders import STAND_IN_MARKER, EncoderSpec, make_stand_in_encoders
+from .feature_cache import CachedBucket, EncodeReport, encode_dataset
+from .shards import write_shards
+from .synthetic import synthetic_samples
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Presets: the one table of model sizes and run lengths (DESIGN.md, "Presets").
 # --------------------------------------------------------------------------------------------
 PRESETS: dict[str, dict] = {
-    # The seed's validation run: 100 images at 512², Flux VAE latents, one 24 GB GPU.
+    # The seed's validation run: 100 images at 512², Flux VAE latents, real encoders, one 24 GB GPU.
     "nano": {
-        "model": {"num_layers": 12, "hidden_size": 384, "num_attention_heads": 6, "patch_size": 2, "in_channels": 16},
-        "train": {"total_steps": 5000, "batch_size": 8, "warmup_steps": 500, "resolution": 512},
-    },
-    # A machine with no GPU and no Hub: pixel mode, small images, a few minutes on 2 CPU cores.
-    "demo": {
-        "model": {
-            "num_layers": 4,
-            "hidden_size": 128,
-            "num_attention_heads": 4,
-            "patch_size": 2,
-            "in_channels": 3,
-            "text_embed_dim": 64,
-            "image_embed_dim": 64,
-            "sample_size": 16,
+        "model": {"num_layers": 12, "hidden_size": 384, "num_attention_heads": 6, "patch_size": 2},
+        "train": {
+            "total_steps": 5000,
+            "batch_size": 8,
+            "warmup_steps": 500,
+            "resolution": 512,
+            "shards": "data/shards/100",
+            "cache": "data/cache/100",
+            "output_dir": "runs/nano",
         },
-        "train": {"total_steps": 600, "batch_size": 16, "warmup_steps": 50, "resolution": 16, "num_images": 16},
+    },
+    # A machine with no GPU and no Hub: the synthetic set in pixel mode at 32², stand-in encoders,
+    # a model small enough to memorise it in a couple of minutes on 2 CPU cores.
+    "demo": {
+        "model": {"num_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "patch_size": 4},
+        "train": {
+            "total_steps": 1000,
+            "batch_size": 16,
+            "warmup_steps": 50,
+            "resolution": 32,
+            "shards": "data/shards/demo",
+            "cache": "data/cache/demo",
+            "stand_in_encoders": "data/encoders/tiny",
+            "pixel_mode": True,
+            "synth_if_missing": True,
+            "output_dir": "runs/demo",
+        },
     },
 }
+
+_ENCODERS = EncoderSpec()
 
 
 @dataclass
@@ -41,21 +62,31 @@ class TrainConfig:
     """Everything a run needs; the command line mirrors it field for field."""
 
     preset: str = "demo"  # a key of PRESETS: model size and the defaults below
-    output_dir: str = "runs/demo"  # run folder: checkpoints/, training_log.jsonl
-    total_steps: int = 600  # optimizer steps
-    batch_size: int = 16  # samples per step (per process)
+    output_dir: str = "runs/demo"  # run folder: checkpoints/, config.json
+    # -- data: shards are encoded once into the feature cache; training reads only the cache
+    shards: str = "data/shards/demo"  # WebDataset shard folder (bucket_<W>x<H>/shard-*.tar)
+    cache: str = "data/cache/demo"  # feature-cache folder (latents, T5, DINOv3 in safetensors)
+    synth_if_missing: bool = False  # write the synthetic set into --shards when it holds no shards
+    num_images: int = 100  # images in that synthetic set
+    resolution: int = 32  # side of the synthetic images (and the bucket base for new data)
+    stand_in_encoders: str | None = None  # folder of stand-in encoders (made if missing); else the real ones
+    text_encoder: str = _ENCODERS.text_encoder  # T5 Hub id or folder
+    image_encoder: str = _ENCODERS.image_encoder  # DINOv3 Hub id or folder
+    vae: str = _ENCODERS.vae  # Flux VAE Hub id or folder (subfolder "vae")
+    pixel_mode: bool = False  # no VAE: the model works on pixels in [-1, 1]
+    # -- optimisation
+    total_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # samples per step (per process); one bucket per batch
     peak_lr: float = 3e-4  # AdamW learning rate after warmup
     min_lr: float = 1e-6  # floor of the cosine decay
     warmup_steps: int = 50  # linear warmup; the seed's 5k would leave no room for the decay
     weight_decay: float = 0.03  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm
     ema_decay: float = 0.9999  # EMAModel max decay (with warmup)
-    resolution: int = 16  # image side in pixels
-    num_images: int = 16  # images in the synthetic stand-in set (until the data pipeline)
     mixed_precision: str = "no"  # "no", "fp16", "bf16": passed to Accelerate
-    seed: int = 0  # seeds weights, data, noise and CFG dropout
-    log_every: int = 50  # steps between progress-bar and console updates
-    model: dict = field(default_factory=dict)  # NanoDiTTransformer2DModel config (from the preset)
+    seed: int = 0  # seeds weights, data order, noise and CFG dropout
+    log_every: int = 50  # steps between log records and progress-bar updates
+    model: dict = field(default_factory=dict)  # NanoDiTTransformer2DModel config (preset + data widths)
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -70,6 +101,12 @@ class TrainConfig:
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
 
+    def encoder_spec(self) -> EncoderSpec:
+        if self.stand_in_encoders:
+            return EncoderSpec.stand_in(self.stand_in_encoders, pixel_mode=self.pixel_mode)
+        vae = None if self.pixel_mode else self.vae
+        return EncoderSpec(text_encoder=self.text_encoder, image_encoder=self.image_encoder, vae=vae)
+
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Command line -> TrainConfig: preset defaults first, explicit flags on top."""
@@ -78,8 +115,12 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         if f.name == "model":
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"(default: preset's, else {f.default})"
-        parser.add_argument(flag, type=type(f.default), default=None, help=help_text)
+        help_text = f"(default: the preset's, else {f.default})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = str if f.default is None else type(f.default)
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
     args = parser.parse_args(argv)
     preset = args.preset or TrainConfig.preset
     if preset not in PRESETS:
@@ -94,35 +135,71 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Stand-in data (until the shard / encoder pipeline): coloured squares with made-up embeddings.
+# Data: the feature cache, made when missing, read into (device) tensors
 # --------------------------------------------------------------------------------------------
-def synthetic_dataset(config: TrainConfig, text_len: int = 8) -> TensorDataset:
-    """Images in [−1, 1] of one coloured square on a plain background, with per-image embeddings.
+def prepare_feature_cache(config: TrainConfig) -> EncodeReport:
+    """Make sure `config.cache` holds every sample of `config.shards`.
 
-    The "text" tokens and "DINO" vector are fixed random codes, one per image, standing in for
-    T5 and DINOv3 outputs until the encoders land: enough to check that the model memorises
-    images from their conditioning, not a measure of real conditioning.
+    Writes the synthetic set and the stand-in encoders first when the config asks for them and
+    they are missing. Encoders are loaded only if something is not cached yet.
     """
-    m = config.model
-    if m.get("in_channels") != 3:
-        raise ValueError(
-            f"preset {config.preset!r} trains on {m.get('in_channels')}-channel VAE latents, which come from the "
-            "feature cache of the data pipeline; the synthetic stand-in set is pixel mode (3 channels): "
-            "use --preset demo for now"
-        )
-    g = torch.Generator().manual_seed(config.seed)
-    R, N = config.resolution, config.num_images
-    images = torch.empty(N, 3, R, R)
-    text = torch.randn(N, text_len, m["text_embed_dim"], generator=g)
-    dino = torch.randn(N, m["image_embed_dim"], generator=g)
-    for i in range(N):
-        background, colour = torch.rand(3, generator=g) * 2 - 1, torch.rand(3, generator=g) * 2 - 1
-        side = R // 2
-        top, left = (torch.randint(0, R - side + 1, (2,), generator=g)).tolist()
-        images[i] = background[:, None, None]
-        images[i, :, top : top + side, left : left + side] = colour[:, None, None]
-    mask = torch.ones(N, text_len, dtype=torch.long)
-    return TensorDataset(images, text, mask, dino)
+    shards = Path(config.shards)
+    if config.synth_if_missing and not any(shards.glob("bucket_*/shard-*.tar")):
+        samples = synthetic_samples(config.num_images, config.resolution, config.seed)
+        write_shards(samples, shards, samples_per_shard=max(1, config.num_images // 5), overwrite=True)
+        logger.info("wrote %d synthetic images to %s", config.num_images, shards)
+    if config.stand_in_encoders and not (Path(config.stand_in_encoders) / STAND_IN_MARKER).exists():
+        make_stand_in_encoders(config.stand_in_encoders, seed=config.seed)
+    return encode_dataset(shards, config.cache, config.encoder_spec())
+
+
+def model_config_for(config: TrainConfig, buckets: list[CachedBucket]) -> dict:
+    """The preset's model config with the widths the data dictates (one place per fact)."""
+    first = buckets[0]
+    return {
+        **config.model,
+        "in_channels": first.latents.shape[1],
+        "sample_size": max(first.latents.shape[-2:]),
+        "text_embed_dim": first.text_embeds.shape[-1],
+        "image_embed_dim": first.image_embeds.shape[-1],
+    }
+
+
+class CachedBatches:
+    """Endless random batches from the cached buckets, all tensors on `device`; a batch never
+    mixes buckets. Buckets are chosen in proportion to their size. Seeded per process.
+    """
+
+    FIELDS = ("latents", "text_embeds", "text_mask", "image_embeds", "image_tokens")
+
+    def __init__(self, buckets: list[CachedBucket], batch_size: int, device, seed: int = 0):
+        total = sum(len(b) for b in buckets)
+        if batch_size > total:
+            raise ValueError(f"--batch-size {batch_size} is larger than the data ({total} cached samples)")
+        self.batch_size = batch_size
+        self.tensors = [{name: getattr(b, name).to(device) for name in self.FIELDS} for b in buckets]
+        self.sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        bucket = int(torch.multinomial(self.sizes, 1, generator=self.generator))
+        n = int(self.sizes[bucket])
+        if n >= self.batch_size:
+            index = torch.randperm(n, generator=self.generator)[: self.batch_size]
+        else:  # a small bucket: draw with replacement rather than a smaller batch
+            index = torch.randint(n, (self.batch_size,), generator=self.generator)
+        tensors = self.tensors[bucket]
+        index = index.to(tensors["latents"].device)
+        return {name: t[index] for name, t in tensors.items()}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
 
 class JsonlLog:

@@ -15,12 +15,21 @@ train_nano_dit = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_nano_dit)
 
 
-@pytest.mark.slow
-def test_demo_training_learns_and_saves_a_loadable_pipeline(tmp_path):
-    args = ["--total-steps", "480", "--num-images", "8", "--batch-size", "8", "--log-every", "160"]
-    result = train_nano_dit.main([*args, "--output-dir", str(tmp_path), "--warmup-steps", "20"])
+def _demo_args(tmp_path, stand_in_dir, *extra):
+    return [
+        *("--num-images", "8", "--resolution", "16", "--batch-size", "8", "--warmup-steps", "20"),
+        *("--shards", str(tmp_path / "shards"), "--cache", str(tmp_path / "cache")),
+        *("--stand-in-encoders", str(stand_in_dir), "--output-dir", str(tmp_path / "run")),
+        *extra,
+    ]
 
-    lines = (tmp_path / "checkpoints" / "training_log.jsonl").read_text().splitlines()
+
+@pytest.mark.slow
+def test_demo_training_learns_and_saves_a_loadable_pipeline(tmp_path, stand_in_dir):
+    args = _demo_args(tmp_path, stand_in_dir, "--total-steps", "480", "--log-every", "160")
+    result = train_nano_dit.main(args)
+
+    lines = (tmp_path / "run" / "checkpoints" / "training_log.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [160, 320, 480]
     assert records[-1]["loss"] < records[0]["loss"]
@@ -28,8 +37,9 @@ def test_demo_training_learns_and_saves_a_loadable_pipeline(tmp_path):
     # Regenerated images beat the best constant guess (the mean image) by a wide margin.
     assert result["reconstruction_mse"] < 0.5 * result["data_variance"]
 
-    pipe = NanoDiTPipeline.from_pretrained(tmp_path / "checkpoints" / "checkpoint_final")
-    assert pipe.transformer.config.in_channels == 3
+    pipe = NanoDiTPipeline.from_pretrained(tmp_path / "run" / "checkpoints" / "checkpoint_final")
+    assert pipe.transformer.config.in_channels == 3  # pixel mode
+    assert pipe.transformer.config.text_embed_dim == 64  # the stand-in T5's width, read from the cache
     assert torch.isfinite(next(pipe.transformer.parameters())).all()
 
 
@@ -38,7 +48,7 @@ def test_demo_training_learns_and_saves_a_loadable_pipeline(tmp_path):
     [
         (["--total-steps", "0"], "--total-steps must be > 0, got 0"),
         (["--peak-lr", "0"], "--peak-lr > 0"),
-        (["--warmup-steps", "700"], r"--warmup-steps must be in \[0, --total-steps\), got 700"),
+        (["--warmup-steps", "1000"], r"--warmup-steps must be in \[0, --total-steps\), got 1000"),
         (["--ema-decay", "1.5"], r"--ema-decay must be in \(0, 1\), got 1.5"),
     ],
 )
@@ -55,11 +65,11 @@ def test_flags_override_the_preset():
     assert config.model["num_layers"] == 12
 
 
-def test_a_batch_larger_than_the_data_is_refused(tmp_path):
+def test_a_batch_larger_than_the_data_is_refused(tmp_path, stand_in_dir):
     with pytest.raises(ValueError, match="--batch-size 32 is larger than the data"):
-        train_nano_dit.main(["--batch-size", "32", "--num-images", "8", "--output-dir", str(tmp_path)])
+        train_nano_dit.main(_demo_args(tmp_path, stand_in_dir, "--batch-size", "32"))
 
 
-def test_the_nano_preset_says_it_needs_the_latent_cache(tmp_path):
-    with pytest.raises(ValueError, match="preset 'nano' trains on 16-channel VAE latents"):
-        train_nano_dit.main(["--preset", "nano", "--output-dir", str(tmp_path)])
+def test_training_without_data_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shard folder .* does not exist"):
+        train_nano_dit.main(["--preset", "nano", "--shards", str(tmp_path / "none"), "--cache", str(tmp_path / "c")])
