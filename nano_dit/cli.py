@@ -22,6 +22,13 @@ def _synth(args: argparse.Namespace) -> None:
     samples = synthetic_samples(args.num_images, args.resolution, args.seed)
     counts = write_shards(samples, args.out, args.samples_per_shard, overwrite=args.overwrite)
     print(f"wrote {sum(counts.values())} synthetic images to {args.out} ({dict(counts)})")
+    if args.preview:
+        from nano_dit.sheets import contact_sheet
+
+        first = list(synthetic_samples(min(12, args.num_images), args.resolution, args.seed))
+        path = f"{args.out}/preview.png"
+        contact_sheet([s["image"] for s in first], [s["caption"] for s in first]).save(path)
+        print(f"preview of the first {len(first)}: {path}")
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -92,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--samples-per-shard", type=int, default=20, help="samples per tar (default 20: 5 shards)")
     synth.add_argument("--seed", type=int, default=0, help="layout seed (default 0)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    synth.add_argument("--preview", action="store_true", help="also write preview.png, a contact sheet of 12")
     synth.set_defaults(func=_synth)
 
     prepare = data.add_parser("prepare", help="shards from a folder of images with captions")

@@ -1,4 +1,5 @@
 import pytest
+from PIL import Image
 
 from nano_dit.cli import main
 from nano_dit.feature_cache import load_cache
@@ -24,3 +25,9 @@ def test_user_errors_end_with_a_message_not_a_traceback(tmp_path, capsys):
         main(["data", "encode", "--shards", str(tmp_path / "none"), "--cache", str(tmp_path / "c"), "--pixel-mode"])
     assert exit_info.value.code == 2
     assert "shard folder" in capsys.readouterr().err
+
+
+def test_synth_preview_is_a_contact_sheet_of_the_first_images(tmp_path):
+    main(["data", "synth", "--out", str(tmp_path / "s"), "--resolution", "16", "--num-images", "6", "--preview"])
+    sheet = Image.open(tmp_path / "s" / "preview.png")
+    assert sheet.width == 4 * 192 and sheet.height > 2 * 192  # 4 columns, 2 rows with captions
