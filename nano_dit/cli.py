@@ -42,6 +42,11 @@ def _prepare(args: argparse.Namespace) -> None:
         max_aspect=args.max_aspect,
         min_side=args.min_side,
         overwrite=args.overwrite,
+        hf_dataset=(
+            {"split": args.split, "image_column": args.image_column, "text_column": args.text_column}
+            if args.hf_dataset
+            else None
+        ),
     )
     print(report.summary())
     for name, reason in report.skipped:
@@ -110,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--max-aspect", type=float, default=2.0, help="widest bucket, and the largest crop")
     prepare.add_argument("--min-side", type=int, default=None, help="skip smaller images (default resolution/4)")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
+    prepare.add_argument(
+        "--hf-dataset", action="store_true", help="SRC is a Hugging Face dataset (save_to_disk folder or Hub name)"
+    )
+    prepare.add_argument("--split", default="train", help="with --hf-dataset: the split (default train)")
+    prepare.add_argument("--image-column", default="image", help="with --hf-dataset: image column (default image)")
+    prepare.add_argument("--text-column", default="text", help="with --hf-dataset: caption column (default text)")
     prepare.set_defaults(func=_prepare)
 
     defaults = EncoderSpec()

@@ -1,9 +1,10 @@
 """Turn a folder of the user's own images into bucketed shards.
 
-Two source layouts, the ones Hugging Face's `imagefolder` knows:
-- images with sidecar captions: `cat.jpg` + `cat.txt`;
-- images with a `metadata.jsonl`: one `{"file_name": "cat.jpg", "text": "..."}` per line
-  (`caption` is accepted for `text`).
+Three sources:
+- a folder of images with sidecar captions: `cat.jpg` + `cat.txt`;
+- a folder of images with a `metadata.jsonl`: one `{"file_name": "cat.jpg", "text": "..."}` per
+  line (`caption` is accepted for `text`), the layout of Hugging Face's `imagefolder`;
+- a Hugging Face `datasets` image dataset: a folder written by `save_to_disk`, or a Hub name.
 
 Each image is converted to RGB, resized and centre-cropped to its nearest aspect bucket, and
 written with its caption. Unusable samples are skipped with a warning that names them, and listed
@@ -83,6 +84,34 @@ def _from_metadata(src: Path, metadata: Path) -> Iterator[tuple[Path, str | None
         yield path, record.get("text", record.get("caption"))
 
 
+def hf_dataset_items(
+    name: str, split: str = "train", image_column: str = "image", text_column: str = "text"
+) -> list[tuple[str, bytes | None, str | None]]:
+    """(name, image bytes, caption) from a `datasets` image dataset (a `save_to_disk` folder or a
+    Hub name). Images are taken undecoded, so that a bad one skips one sample, not the run."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("reading a Hugging Face dataset needs `pip install datasets`") from None
+    path = Path(name)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        dataset = datasets.load_from_disk(str(path))
+    else:
+        dataset = datasets.load_dataset(name, split=split)
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise ValueError(f"split {split!r} not in {name} (it has {list(dataset)})")
+        dataset = dataset[split]
+    for column in (image_column, text_column):
+        if column not in dataset.column_names:
+            raise ValueError(f"column {column!r} not in {name} (it has {dataset.column_names})")
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    return [
+        (f"{path.name or name}[{i}]", (row[image_column] or {}).get("bytes"), row[text_column])
+        for i, row in enumerate(dataset)
+    ]
+
+
 def prepare_shards(
     src: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -91,24 +120,30 @@ def prepare_shards(
     max_aspect: float = 2.0,
     min_side: int | None = None,
     overwrite: bool = False,
+    hf_dataset: dict | None = None,
 ) -> PrepareReport:
     """Read `src`, fit every image to its nearest bucket and write shards into `out_dir`.
 
-    Images smaller than `min_side` (default resolution / 4) or more than `max_aspect` off their
-    nearest bucket (a crop that would lose most of the picture) are skipped.
+    `hf_dataset` (keyword arguments of `hf_dataset_items`, possibly empty) reads `src` as a
+    Hugging Face dataset instead of a folder. Images smaller than `min_side` (default
+    resolution / 4) or more than `max_aspect` off their nearest bucket (a crop that would lose
+    most of the picture) are skipped.
     """
-    items = find_source_items(src)
+    if hf_dataset is None:
+        items = [(str(path), path, caption) for path, caption in find_source_items(src)]
+    else:
+        items = hf_dataset_items(str(src), **hf_dataset)
     buckets = make_buckets(resolution, max_aspect=max_aspect)
     report = PrepareReport()
     min_side = min_side or max(1, resolution // 4)
 
     def samples():
-        for path, caption in tqdm(items, desc="prepare", unit="img"):
+        for name, image, caption in tqdm(items, desc="prepare", unit="img"):
             try:
-                yield _prepare_one(path, caption, buckets, min_side, max_aspect, report)
+                yield _prepare_one(name, image, caption, buckets, min_side, max_aspect, report)
             except SampleSkipped as skip:
-                logger.warning("skipping %s: %s", path, skip)
-                report.skipped.append((str(path), str(skip)))
+                logger.warning("skipping %s: %s", name, skip)
+                report.skipped.append((name, str(skip)))
 
     report.written = write_shards(samples(), out_dir, samples_per_shard, overwrite=overwrite)
     if not report.written:
@@ -116,7 +151,8 @@ def prepare_shards(
     return report
 
 
-def _prepare_one(path: Path, caption, buckets, min_side: int, max_aspect: float, report: PrepareReport) -> dict:
+def _prepare_one(name: str, image, caption, buckets, min_side, max_aspect, report: PrepareReport) -> dict:
+    """One source item (image: a path or bytes) -> a sample fitted to its bucket, or SampleSkipped."""
     if caption is None:
         raise SampleSkipped("no caption (no sidecar .txt and no metadata text)")
     if isinstance(caption, bytes):
@@ -127,20 +163,17 @@ def _prepare_one(path: Path, caption, buckets, min_side: int, max_aspect: float,
     caption = caption.strip()
     if not caption:
         raise SampleSkipped("caption is empty")
-    image, converted = to_rgb(open_image(path.read_bytes()))
+    if image is None:
+        raise SampleSkipped("no image data")
+    image, converted = to_rgb(open_image(image.read_bytes() if isinstance(image, Path) else image))
     if converted:
         report.converted[converted] += 1
     bucket = nearest_bucket(*image.size, buckets)
     check_size(image, bucket, min_side, max_aspect)
-    return {
-        "key": _key(path),
-        "image": fit_to_bucket(image, bucket),
-        "caption": caption,
-        "meta": {"source": path.name},
-    }
+    return {"key": _key(name), "image": fit_to_bucket(image, bucket), "caption": caption, "meta": {"source": name}}
 
 
-def _key(path: Path) -> str:
-    """A webdataset-safe, unique key: the file stem's safe characters plus a hash of the path."""
-    stem = re.sub(r"[^A-Za-z0-9_\-]+", "_", path.stem)[:48] or "image"
-    return f"{stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+def _key(name: str) -> str:
+    """A webdataset-safe, unique key: the name's safe characters plus a hash of the whole name."""
+    stem = re.sub(r"[^A-Za-z0-9_\-]+", "_", Path(name).stem)[:48].strip("_") or "image"
+    return f"{stem}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"

@@ -71,3 +71,17 @@ def test_fingerprints_change_only_for_the_encoder_that_changed():
 def test_a_folder_without_stand_ins_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="make-tiny"):
         EncoderSpec.stand_in(tmp_path)
+
+
+def test_stand_ins_are_deterministic_for_a_seed(tmp_path):
+    from nano_dit.encoders import make_stand_in_encoders
+
+    def fingerprints(folder):
+        spec = EncoderSpec.stand_in(folder)
+        return [spec.fingerprint(kind).split("@")[1] for kind in ("latents", "text", "image")]
+
+    a = fingerprints(make_stand_in_encoders(tmp_path / "a", seed=1, image_size=32))
+    b = fingerprints(make_stand_in_encoders(tmp_path / "b", seed=1, image_size=32))
+    c = fingerprints(make_stand_in_encoders(tmp_path / "c", seed=2, image_size=32))
+    assert a == b  # same seed: byte-identical files
+    assert all(x != y for x, y in zip(a, c))

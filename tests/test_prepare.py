@@ -96,3 +96,29 @@ def test_an_empty_or_missing_source_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no images"):
         prepare_shards(tmp_path / "empty", tmp_path / "out")
+
+
+def test_a_hugging_face_dataset_becomes_shards_and_its_bad_rows_are_skipped(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {
+        "image": [{"bytes": _png_bytes((96, 64)), "path": None}, {"bytes": b"broken", "path": None}],
+        "caption": ["a wide green picture", "a broken one"],
+    }
+    ds = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "ds"))
+    report = prepare_shards(tmp_path / "ds", tmp_path / "out", resolution=64, hf_dataset={"text_column": "caption"})
+    assert sum(report.written.values()) == 1
+    assert report.skipped[0][0] == "ds[1]" and "unreadable image" in report.skipped[0][1]
+    (sample,) = ShardReader(tmp_path / "out")
+    assert sample["caption"] == "a wide green picture" and sample["bucket"][0] > sample["bucket"][1]
+
+    with pytest.raises(ValueError, match="column 'text' not in"):
+        prepare_shards(tmp_path / "ds", tmp_path / "out2", resolution=64, hf_dataset={})
+
+
+def _png_bytes(size):
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
