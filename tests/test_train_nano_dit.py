@@ -73,3 +73,12 @@ def test_a_batch_larger_than_the_data_is_refused(tmp_path, stand_in_dir):
 def test_training_without_data_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match="shard folder .* does not exist"):
         train_nano_dit.main(["--preset", "nano", "--shards", str(tmp_path / "none"), "--cache", str(tmp_path / "c")])
+
+
+def test_training_on_vae_latents_takes_its_widths_from_the_cache(tmp_path, stand_in_dir):
+    args = ("--no-pixel-mode", "--resolution", "32", "--total-steps", "3", "--warmup-steps", "1")
+    train_nano_dit.main(_demo_args(tmp_path, stand_in_dir, *args))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["in_channels"] == 16 and config["model"]["sample_size"] == 4  # Flux layout, x8 down
+    pipe = NanoDiTPipeline.from_pretrained(tmp_path / "run" / "checkpoints" / "checkpoint_final")
+    assert pipe.transformer.config.in_channels == 16
