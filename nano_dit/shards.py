@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 from collections import Counter
@@ -210,16 +211,28 @@ class ShardReader:
             rank gets a disjoint part whatever the number of shards.
         min_side, max_aspect: images smaller than `min_side` or needing more than `max_aspect`
             of crop are skipped; others are fitted to their bucket.
+        seed: when given, the shard order is shuffled with it (the same seed, the same order on
+            every rank, so the ranks' shares stay disjoint); when None, shards are read sorted.
 
     Each sample is a dict: key, image (RGB PIL at the bucket size), caption, meta (dict or None),
     bucket (W, H). `stats` counts what was read, skipped and converted. Inside DataLoader workers,
     samples are split further by worker id.
     """
 
-    def __init__(self, root, rank: int = 0, world_size: int = 1, min_side: int = 8, max_aspect: float = 2.0):
+    def __init__(
+        self,
+        root,
+        rank: int = 0,
+        world_size: int = 1,
+        min_side: int = 8,
+        max_aspect: float = 2.0,
+        seed: int | None = None,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.shards = find_shards(root)
+        if seed is not None:
+            random.Random(seed).shuffle(self.shards)
         self.rank, self.world_size = rank, world_size
         self.min_side, self.max_aspect = min_side, max_aspect
         self.stats = ReadStats()

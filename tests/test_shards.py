@@ -206,3 +206,12 @@ def test_missing_or_empty_shard_folders_are_refused(tmp_path):
 def test_metadata_is_kept(tmp_path):
     samples, _ = _read(tmp_path, {"m.png": GOOD, "m.txt": b"x", "m.json": json.dumps({"a": 1}).encode()})
     assert samples[0]["meta"] == {"a": 1}
+
+
+def test_a_seed_shuffles_the_shard_order_reproducibly(tmp_path):
+    write_shards(synthetic_samples(12, 16), tmp_path / "s", samples_per_shard=2)
+    order = lambda seed: [s["key"] for s in ShardReader(tmp_path / "s", seed=seed)]  # noqa: E731
+    assert order(1) == order(1)
+    assert order(1) != order(2) and sorted(order(1)) == sorted(order(None))
+    shares = [{s["key"] for s in ShardReader(tmp_path / "s", rank=r, world_size=2, seed=1)} for r in range(2)]
+    assert shares[0].isdisjoint(shares[1]) and len(shares[0] | shares[1]) == 12
