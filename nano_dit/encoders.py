@@ -9,6 +9,7 @@ that loads them says so.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -211,13 +212,14 @@ def make_stand_in_encoders(
     tokenizer = _word_level_tokenizer(vocabulary or WORDS)
     tokenizer.save_pretrained(out_dir / "t5")
 
-    torch.manual_seed(seed)
-    t5 = T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2, num_heads=4)
-    )
+    with _seeded(seed):
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2, num_heads=4
+            )
+        )
     t5.save_pretrained(out_dir / "t5")
 
-    torch.manual_seed(seed + 1)
     dino_config = DINOv3ViTConfig(
         hidden_size=width,
         intermediate_size=2 * width,
@@ -227,28 +229,38 @@ def make_stand_in_encoders(
         image_size=image_size,
         num_register_tokens=4,
     )
-    DINOv3ViTModel(dino_config).save_pretrained(out_dir / "dinov3")
+    with _seeded(seed + 1):
+        DINOv3ViTModel(dino_config).save_pretrained(out_dir / "dinov3")
     DINOv3ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out_dir / "dinov3")
 
     if with_vae:
-        torch.manual_seed(seed + 2)
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,  # x8 down, as the Flux VAE
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            scaling_factor=0.3611,  # the Flux VAE's
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
+        with _seeded(seed + 2):
+            vae = AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * 4,  # x8 down, as the Flux VAE
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(8, 8, 16, 16),
+                layers_per_block=1,
+                latent_channels=16,
+                norm_num_groups=4,
+                scaling_factor=0.3611,  # the Flux VAE's
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            )
         vae.save_pretrained(out_dir / "vae")
 
     marker = {"stand_in": True, "seed": seed, "note": "tiny randomly initialised encoders for offline tests and demos"}
     (out_dir / STAND_IN_MARKER).write_text(json.dumps(marker, indent=2))
     return out_dir
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch's global RNG for a block and give the caller its own state back afterwards
+    (making stand-ins inside a training run must not change the run's random numbers)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _word_level_tokenizer(vocabulary: list[str]):

@@ -85,3 +85,13 @@ def test_stand_ins_are_deterministic_for_a_seed(tmp_path):
     c = fingerprints(make_stand_in_encoders(tmp_path / "c", seed=2, image_size=32))
     assert a == b  # same seed: byte-identical files
     assert all(x != y for x, y in zip(a, c))
+
+
+def test_making_stand_ins_leaves_the_global_random_state_alone(tmp_path):
+    from nano_dit.encoders import make_stand_in_encoders
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    make_stand_in_encoders(tmp_path / "t", seed=0, image_size=32)
+    assert torch.equal(torch.rand(3), expected)
