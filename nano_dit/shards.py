@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch.utils.data
 import webdataset as wds
 from PIL import Image, ImageOps
 from webdataset.tariterators import tarfile_samples
@@ -202,7 +203,7 @@ def shard_bucket(path: Path) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-class ShardReader:
+class ShardReader(torch.utils.data.IterableDataset):
     """Iterate decoded samples from bucketed shards, one process's share of them.
 
     Args:
@@ -215,8 +216,8 @@ class ShardReader:
             every rank, so the ranks' shares stay disjoint); when None, shards are read sorted.
 
     Each sample is a dict: key, image (RGB PIL at the bucket size), caption, meta (dict or None),
-    bucket (W, H). `stats` counts what was read, skipped and converted. Inside DataLoader workers,
-    samples are split further by worker id.
+    bucket (W, H). `stats` counts what was read, skipped and converted. As a DataLoader dataset,
+    samples are split further by worker id (and each worker keeps its own `stats`).
     """
 
     def __init__(
@@ -304,8 +305,6 @@ def open_image(data: bytes) -> Image.Image:
 
 
 def _worker_info() -> tuple[int, int]:
-    import torch.utils.data
-
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
 

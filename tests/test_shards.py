@@ -215,3 +215,14 @@ def test_a_seed_shuffles_the_shard_order_reproducibly(tmp_path):
     assert order(1) != order(2) and sorted(order(1)) == sorted(order(None))
     shares = [{s["key"] for s in ShardReader(tmp_path / "s", rank=r, world_size=2, seed=1)} for r in range(2)]
     assert shares[0].isdisjoint(shares[1]) and len(shares[0] | shares[1]) == 12
+
+
+def test_dataloader_workers_split_the_samples_between_them(tmp_path):
+    import torch.utils.data
+
+    write_shards(synthetic_samples(10, 16), tmp_path / "s", samples_per_shard=3)
+    loader = torch.utils.data.DataLoader(
+        ShardReader(tmp_path / "s"), batch_size=None, num_workers=2, collate_fn=lambda s: s["key"]
+    )
+    keys = list(loader)
+    assert sorted(keys) == sorted(s["key"] for s in synthetic_samples(10, 16))  # each exactly once
