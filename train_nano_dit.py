@@ -22,7 +22,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from nano_dit import CFGDropout, FlowMatching, NanoDiTPipeline, NanoDiTTransformer2DModel
+from nano_dit import FlowMatching, NanoDiTPipeline, NanoDiTTransformer2DModel
+from nano_dit.checkpointing import check_resumable, read_state, resolve_resume, save_checkpoint
 from nano_dit.feature_cache import CachedBucket, load_cache
 from nano_dit.training import (
     CachedBatches,
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     set_seed(config.seed, device_specific=True)
     ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+    check_output_dir(config, ckpt_dir)
 
     # ---------------------------------------------------------------- data
     with accelerator.main_process_first():  # one process encodes, the others then read the cache
@@ -50,10 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
         buckets, config.batch_size, accelerator.device, seed=config.seed + accelerator.process_index
     )
     config.model = model_config_for(config, buckets)
-    if accelerator.is_main_process:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-            json.dump(vars(config), f, indent=2)
 
     # ---------------------------------------------------------------- model
     model = NanoDiTTransformer2DModel(**config.model)
@@ -69,6 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema.to(accelerator.device)
+    cfg_dropout = config.cfg_dropout(rank=accelerator.process_index)
+    # save_state / load_state carry these too, in this order.
+    accelerator.register_for_checkpointing(ema, cfg_dropout, batches)
     stand_in = (
         " with STAND-IN encoders (tiny, random: not real T5 / DINOv3)" if manifest["encoders"]["stand_in"] else ""
     )
@@ -77,9 +78,27 @@ def main(argv: list[str] | None = None) -> dict:
         f"{sum(len(b) for b in buckets)} cached samples in {len(buckets)} bucket(s){stand_in}"
     )
 
+    # ---------------------------------------------------------------- resume
+    start_step = 0
+    if config.resume:
+        path = resolve_resume(config.resume, ckpt_dir)
+        saved = read_state(path)
+        check_resumable(saved, config.model, cfg_dropout.scheme, path)
+        accelerator.load_state(str(path))
+        start_step = saved["step"]
+        accelerator.print(f"resumed from {path} at step {start_step}")
+    if accelerator.is_main_process:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+            json.dump(vars(config), f, indent=2)
+
     # ---------------------------------------------------------------- loop
-    with JsonlLog(os.path.join(ckpt_dir, "training_log.jsonl"), enabled=accelerator.is_main_process) as log:
-        train_loop(config, accelerator, model, ema, optimizer, lr_scheduler, batches, log)
+    log_path = os.path.join(ckpt_dir, "training_log.jsonl")
+    run = dict(accelerator=accelerator, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    with JsonlLog(
+        log_path, enabled=accelerator.is_main_process, resume_step=start_step if config.resume else None
+    ) as log:
+        train_loop(config, run, cfg_dropout, batches, log, start_step, ckpt_dir)
 
     # ---------------------------------------------------------------- save + check
     accelerator.wait_for_everyone()
@@ -96,12 +115,25 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def train_loop(config: TrainConfig, accelerator, model, ema, optimizer, lr_scheduler, batches, log) -> None:
+def check_output_dir(config: TrainConfig, ckpt_dir: str) -> None:
+    """A new run does not write over an earlier one unless asked (--resume or --overwrite-output-dir)."""
+    earlier = os.path.isdir(ckpt_dir) and any(os.scandir(ckpt_dir))
+    if earlier and not config.resume and not config.overwrite_output_dir:
+        raise FileExistsError(
+            f"{config.output_dir} already holds a run; pass --resume latest to continue it, "
+            "--overwrite-output-dir to start afresh, or another --output-dir"
+        )
+
+
+def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_step: int, ckpt_dir: str) -> None:
+    accelerator, model, ema = run["accelerator"], run["model"], run["ema"]
+    optimizer, lr_scheduler = run["optimizer"], run["lr_scheduler"]
     objective = FlowMatching()
-    cfg_dropout = CFGDropout(seed=config.seed + accelerator.process_index)
-    progress = tqdm(range(config.total_steps), disable=not accelerator.is_main_process, desc="train")
-    start = time.perf_counter()
-    for step in range(1, config.total_steps + 1):
+    progress = tqdm(
+        range(config.total_steps), initial=start_step, disable=not accelerator.is_main_process, desc="train"
+    )
+    start, pending = time.perf_counter(), []
+    for step in range(start_step + 1, config.total_steps + 1):
         batch = next(batches)
         drop_text, drop_image = (m.to(accelerator.device) for m in cfg_dropout.sample(config.batch_size))
         with accelerator.autocast():
@@ -121,17 +153,41 @@ def train_loop(config: TrainConfig, accelerator, model, ema, optimizer, lr_sched
         optimizer.zero_grad(set_to_none=True)
         ema.step(model.parameters())
         progress.update(1)
-        if step % config.log_every == 0 or step == config.total_steps:  # host sync only here
-            record = {
-                "step": step,
-                "loss": out.loss.item(),
-                "grad_norm": float(grad_norm),
-                "lr": lr_scheduler.get_last_lr()[0],
-                "ema_decay": ema.cur_decay_value,
-                "wall_time": time.perf_counter() - start,
-            }
-            log.write(record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        # One record per step, kept on the device; the host syncs only at logging intervals.
+        pending.append(
+            (step, out.loss.detach(), grad_norm.detach(), lr_scheduler.get_last_lr()[0], ema.cur_decay_value)
+        )
+        if step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.total_steps:
+            records = flush_records(
+                pending, config.batch_size * accelerator.num_processes, time.perf_counter() - start
+            )
+            for record in records:
+                log.write(record)
+            progress.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}")
+            start, pending = time.perf_counter(), []
+        if step % config.checkpoint_every == 0:
+            state = {"config": vars(config), "cfg_dropout_scheme": cfg_dropout.scheme}
+            save_checkpoint(accelerator, ckpt_dir, step, state, keep=config.checkpoints_total_limit)
+
+
+def flush_records(pending: list, samples_per_step: int, seconds: float) -> list[dict]:
+    """Turn the buffered per-step values into log records with one host sync for all of them."""
+    losses = torch.stack([p[1] for p in pending]).float().tolist()
+    norms = torch.stack([p[2] for p in pending]).float().tolist()
+    rate = samples_per_step * len(pending) / max(seconds, 1e-9)
+    now = time.time()
+    return [
+        {
+            "step": step,
+            "loss": loss,
+            "grad_norm": norm,
+            "lr": lr,
+            "ema_decay": decay,
+            "samples_per_s": rate,
+            "time": now,
+        }
+        for (step, _, _, lr, decay), loss, norm in zip(pending, losses, norms)
+    ]
 
 
 @torch.no_grad()

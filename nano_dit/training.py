@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .cfg_dropout import CFGDropout
 from .encoders import STAND_IN_MARKER, EncoderSpec, make_stand_in_encoders
 from .feature_cache import CachedBucket, EncodeReport, encode_dataset
 from .shards import write_shards
@@ -49,6 +50,7 @@ PRESETS: dict[str, dict] = {
             "stand_in_encoders": "data/encoders/tiny",
             "pixel_mode": True,
             "synth_if_missing": True,
+            "checkpoint_every": 500,
             "output_dir": "runs/demo",
         },
     },
@@ -74,6 +76,16 @@ class TrainConfig:
     image_encoder: str = _ENCODERS.image_encoder  # DINOv3 Hub id or folder
     vae: str = _ENCODERS.vae  # Flux VAE Hub id or folder (subfolder "vae")
     pixel_mode: bool = False  # no VAE: the model works on pixels in [-1, 1]
+    # -- run
+    resume: str | None = None  # a checkpoint folder, or "latest" (the newest in <output_dir>/checkpoints)
+    checkpoint_every: int = 1000  # steps between accelerator.save_state checkpoints
+    checkpoints_total_limit: int | None = None  # keep only the newest N checkpoints (default: all)
+    overwrite_output_dir: bool = False  # start afresh in an output folder that holds a run
+    # -- CFG dropout: four exclusive modes, exact counts over every 100 draws (CFGDropout)
+    p_both: float = 0.7  # text and image kept
+    p_none: float = 0.1  # both dropped
+    p_text_only: float = 0.1  # image dropped
+    p_image_only: float = 0.1  # text dropped
     # -- optimisation
     total_steps: int = 1000  # optimizer steps
     batch_size: int = 16  # samples per step (per process); one bucket per batch
@@ -100,6 +112,16 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps must be in [0, --total-steps), got {self.warmup_steps}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        if self.checkpoint_every <= 0 or (self.checkpoints_total_limit or 1) <= 0:
+            raise ValueError("--checkpoint-every and --checkpoints-total-limit must be > 0")
+        try:
+            self.cfg_dropout()
+        except ValueError as err:
+            raise ValueError(f"--p-both / --p-none / --p-text-only / --p-image-only: {err}") from None
+
+    def cfg_dropout(self, rank: int = 0) -> CFGDropout:
+        """This run's CFG-dropout sampler (one stream per process)."""
+        return CFGDropout(self.p_both, self.p_none, self.p_text_only, self.p_image_only, seed=self.seed + rank)
 
     def encoder_spec(self) -> EncoderSpec:
         if self.stand_in_encoders:
@@ -116,10 +138,10 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"(default: the preset's, else {f.default})"
-        if isinstance(f.default, bool):
+        kind = next((t for t in (bool, int, float) if f.type.startswith(t.__name__)), str)  # "int | None" -> int
+        if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = str if f.default is None else type(f.default)
             parser.add_argument(flag, type=kind, default=None, help=help_text)
     args = parser.parse_args(argv)
     preset = args.preset or TrainConfig.preset
@@ -205,11 +227,21 @@ class CachedBatches:
 class JsonlLog:
     """Appends one JSON object per line, flushed at once so that a killed run keeps its log.
 
-    Only the main process writes; on the others every call is a no-op.
+    `resume_step` keeps the records of steps up to it and drops later ones (they will be
+    trained again), so that a resumed run's log holds every step exactly once. Only the main
+    process writes; on the others every call is a no-op.
     """
 
-    def __init__(self, path: str, enabled: bool = True):
-        self._file = open(path, "w") if enabled else None  # noqa: SIM115 (closed in close())
+    def __init__(self, path: str, enabled: bool = True, resume_step: int | None = None):
+        self._file = None
+        if not enabled:
+            return
+        kept = []
+        if resume_step is not None and Path(path).exists():
+            kept = [line for line in Path(path).read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        self._file = open(path, "w")  # noqa: SIM115 (closed in close())
+        self._file.writelines(line + "\n" for line in kept)
+        self._file.flush()
 
     def write(self, record: dict) -> None:
         if self._file is not None:

@@ -31,8 +31,10 @@ def test_demo_training_learns_and_saves_a_loadable_pipeline(tmp_path, stand_in_d
 
     lines = (tmp_path / "run" / "checkpoints" / "training_log.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert [r["step"] for r in records] == [160, 320, 480]
-    assert records[-1]["loss"] < records[0]["loss"]
+    assert [r["step"] for r in records] == list(range(1, 481))  # one record per optimizer step
+    assert set(records[0]) == {"step", "loss", "grad_norm", "lr", "ema_decay", "samples_per_s", "time"}
+    mean_loss = lambda rs: sum(r["loss"] for r in rs) / len(rs)  # noqa: E731
+    assert mean_loss(records[-50:]) < 0.5 * mean_loss(records[:50])
     assert records[-1]["lr"] == pytest.approx(1e-6)  # cosine ends on its floor
     # Regenerated images beat the best constant guess (the mean image) by a wide margin.
     assert result["reconstruction_mse"] < 0.5 * result["data_variance"]

@@ -1,0 +1,128 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nano_dit import checkpointing
+from nano_dit.checkpointing import check_resumable, list_checkpoints, resolve_resume
+
+_spec = importlib.util.spec_from_file_location("train_nano_dit", Path(__file__).parents[1] / "train_nano_dit.py")
+train_nano_dit = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_nano_dit)
+
+
+class Killed(Exception):
+    """Stands in for a kill signal at a chosen point of a run."""
+
+
+def _args(tmp_path, stand_in_dir, out, *extra):
+    return [
+        *("--num-images", "8", "--resolution", "16", "--batch-size", "4", "--warmup-steps", "2"),
+        *("--total-steps", "8", "--checkpoint-every", "4", "--log-every", "3"),
+        *("--shards", str(tmp_path / "shards"), "--cache", str(tmp_path / "cache")),
+        *("--stand-in-encoders", str(stand_in_dir), "--output-dir", str(tmp_path / out)),
+        *extra,
+    ]
+
+
+def _state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    """Model weights, optimizer moments and EMA weights of a step checkpoint, by name."""
+    folder = run_dir / "checkpoints" / checkpointing.checkpoint_name(step)
+    tensors = {f"model.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
+    optimizer = torch.load(folder / "optimizer.bin", weights_only=True)["state"]
+    for index, moments in optimizer.items():
+        tensors.update({f"optim.{index}.{k}": v for k, v in moments.items() if torch.is_tensor(v)})
+    ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=True)
+    tensors.update({f"ema.{i}": v for i, v in enumerate(ema["shadow_params"])})
+    return tensors
+
+
+@pytest.mark.slow
+def test_a_resumed_run_is_the_run_that_never_stopped(tmp_path, stand_in_dir, monkeypatch):
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "straight"))
+
+    real_save = train_nano_dit.save_checkpoint
+
+    def save_then_die(accelerator, ckpt_dir, step, *args, **kwargs):
+        real_save(accelerator, ckpt_dir, step, *args, **kwargs)
+        if step == 4:
+            raise Killed
+
+    monkeypatch.setattr(train_nano_dit, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_nano_dit.main(_args(tmp_path, stand_in_dir, "stopped"))
+    monkeypatch.setattr(train_nano_dit, "save_checkpoint", real_save)
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "stopped", "--resume", "latest"))
+
+    straight, resumed = _state(tmp_path / "straight", 8), _state(tmp_path / "stopped", 8)
+    assert straight.keys() == resumed.keys() and len(straight) > 20
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+    log = (tmp_path / "stopped" / "checkpoints" / "training_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 9))  # each step exactly once
+    weights = "checkpoints/checkpoint_final/transformer/diffusion_pytorch_model.safetensors"
+    straight_final, resumed_final = (
+        load_file(tmp_path / "straight" / weights),
+        load_file(tmp_path / "stopped" / weights),
+    )
+    assert all(torch.equal(v, resumed_final[k]) for k, v in straight_final.items())
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, stand_in_dir, monkeypatch):
+    real_replace = checkpointing.os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("checkpoint_step0000008"):
+            raise Killed  # after the state is written aside, before it takes its name
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpointing.os, "replace", replace)
+    with pytest.raises(Killed):
+        train_nano_dit.main(_args(tmp_path, stand_in_dir, "run"))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["checkpoint_step0000004"]
+    assert (ckpts / ".checkpoint_step0000008.partial").exists()  # written aside, never picked up
+    assert resolve_resume("latest", ckpts).name == "checkpoint_step0000004"
+
+    monkeypatch.setattr(checkpointing.os, "replace", real_replace)
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--resume", "latest"))
+    assert [p.name for p in list_checkpoints(ckpts)] == ["checkpoint_step0000004", "checkpoint_step0000008"]
+    assert not (ckpts / ".checkpoint_step0000008.partial").exists()
+
+
+def test_old_checkpoints_past_the_limit_are_removed(tmp_path, stand_in_dir):
+    train_nano_dit.main(
+        _args(tmp_path, stand_in_dir, "run", "--checkpoint-every", "2", "--checkpoints-total-limit", "2")
+    )
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "checkpoint_step0000006",
+        "checkpoint_step0000008",
+    ]
+
+
+def test_resuming_with_another_cfg_dropout_scheme_is_refused(tmp_path, stand_in_dir):
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4"))
+    other = ("--p-both", "0.4", "--p-none", "0.2", "--p-text-only", "0.2", "--p-image-only", "0.2")
+    with pytest.raises(ValueError, match="trained with CFG-dropout scheme .*independent-Bernoulli"):
+        train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "8", "--resume", "latest", *other))
+
+
+def test_another_architecture_and_missing_checkpoints_are_refused(tmp_path):
+    saved = {"cfg_dropout_scheme": "s", "config": {"model": {"num_layers": 4, "hidden_size": 128}}}
+    with pytest.raises(ValueError, match="another architecture .*num_layers: saved 4, now 12"):
+        check_resumable(saved, {"num_layers": 12, "hidden_size": 128}, "s", tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
+        resolve_resume(str(tmp_path / "nope"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        resolve_resume("latest", tmp_path)
+
+
+def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path, stand_in_dir):
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4"))
+    with pytest.raises(FileExistsError, match="already holds a run; pass --resume latest"):
+        train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4"))
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4", "--overwrite-output-dir"))
