@@ -38,7 +38,11 @@ from nano_dit.training import (
 def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- setup
     config = parse_config(argv)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_dir=config.output_dir,
+    )
     set_seed(config.seed, device_specific=True)
     ckpt_dir = os.path.join(config.output_dir, "checkpoints")
     check_output_dir(config, ckpt_dir)
@@ -55,13 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------- model
     model = NanoDiTTransformer2DModel(**config.model)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=config.peak_lr,
-        weight_decay=config.weight_decay,
-        fused=accelerator.device.type in ("cuda", "cpu"),  # one kernel for all parameters
-    )
+    optimizer = build_optimizer(config, model, accelerator.device)
     lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, config.warmup_steps, config.total_steps, min_lr=config.min_lr
     )
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.makedirs(ckpt_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump(vars(config), f, indent=2)
+    accelerator.init_trackers("nano-dit", config={k: v for k, v in vars(config).items() if k != "model"})
 
     # ---------------------------------------------------------------- loop
     log_path = os.path.join(ckpt_dir, "training_log.jsonl")
@@ -125,49 +127,80 @@ def check_output_dir(config: TrainConfig, ckpt_dir: str) -> None:
         )
 
 
+def build_optimizer(config: TrainConfig, model, device) -> torch.optim.Optimizer:
+    params = dict(lr=config.peak_lr, weight_decay=config.weight_decay)
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError('--use-8bit-adam needs bitsandbytes: pip install "nano-dit[gpu]"') from None
+        return bnb.optim.AdamW8bit(model.parameters(), **params)
+    # fused: one kernel for all parameters, where the device has it
+    return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **params)
+
+
 def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_step: int, ckpt_dir: str) -> None:
-    accelerator, model, ema = run["accelerator"], run["model"], run["ema"]
-    optimizer, lr_scheduler = run["optimizer"], run["lr_scheduler"]
+    accelerator = run["accelerator"]
     objective = FlowMatching()
     progress = tqdm(
         range(config.total_steps), initial=start_step, disable=not accelerator.is_main_process, desc="train"
     )
-    start, pending = time.perf_counter(), []
+    start, pending, bad_in_a_row = time.perf_counter(), [], 0
     for step in range(start_step + 1, config.total_steps + 1):
         batch = next(batches)
         drop_text, drop_image = (m.to(accelerator.device) for m in cfg_dropout.sample(config.batch_size))
-        with accelerator.autocast():
-            out = objective.loss(
-                model,
-                batch["latents"],
-                encoder_hidden_states=batch["text_embeds"],
-                encoder_attention_mask=batch["text_mask"],
-                image_embeds=batch["image_embeds"],
-                drop_text=drop_text,
-                drop_image=drop_image,
-            )
-        accelerator.backward(out.loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(model.parameters())
+        loss, grad_norm, applied = optimizer_step(config, run, objective, batch, drop_text, drop_image)
         progress.update(1)
+        bad_in_a_row = 0 if applied else bad_in_a_row + 1
+        if not applied:
+            accelerator.print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
+            if bad_in_a_row >= config.max_bad_steps:
+                raise RuntimeError(
+                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (the last at step {step}): "
+                    f"stopping. Lower --peak-lr or check the data; resume from the last checkpoint in {ckpt_dir}"
+                )
         # One record per step, kept on the device; the host syncs only at logging intervals.
-        pending.append(
-            (step, out.loss.detach(), grad_norm.detach(), lr_scheduler.get_last_lr()[0], ema.cur_decay_value)
-        )
+        lr, decay = run["lr_scheduler"].get_last_lr()[0], run["ema"].cur_decay_value
+        pending.append((step, loss, grad_norm, lr, decay, not applied))
         if step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.total_steps:
-            records = flush_records(
-                pending, config.batch_size * accelerator.num_processes, time.perf_counter() - start
-            )
+            seconds = time.perf_counter() - start
+            records = flush_records(pending, config.batch_size * accelerator.num_processes, seconds)
             for record in records:
                 log.write(record)
+            accelerator.log({k: records[-1][k] for k in ("loss", "grad_norm", "lr", "ema_decay")}, step=step)
             progress.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}")
             start, pending = time.perf_counter(), []
         if step % config.checkpoint_every == 0:
             state = {"config": vars(config), "cfg_dropout_scheme": cfg_dropout.scheme}
             save_checkpoint(accelerator, ckpt_dir, step, state, keep=config.checkpoints_total_limit)
+
+
+def optimizer_step(config: TrainConfig, run: dict, objective, batch, drop_text, drop_image):
+    """Forward, backward and clip; then, if loss and gradients are finite, the update and EMA.
+
+    Returns (loss, grad_norm, applied). Deciding costs one host sync per step, on purpose: a
+    non-finite update must never reach the weights (nor, so, any checkpoint).
+    """
+    accelerator, model = run["accelerator"], run["model"]
+    with accelerator.autocast():
+        out = objective.loss(
+            model,
+            batch["latents"],
+            encoder_hidden_states=batch["text_embeds"],
+            encoder_attention_mask=batch["text_mask"],
+            image_embeds=batch["image_embeds"],
+            drop_text=drop_text,
+            drop_image=drop_image,
+        )
+    accelerator.backward(out.loss)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+    applied = bool(torch.isfinite(grad_norm) & torch.isfinite(out.loss))
+    if applied:
+        run["optimizer"].step()
+        run["lr_scheduler"].step()
+        run["ema"].step(model.parameters())
+    run["optimizer"].zero_grad(set_to_none=True)
+    return out.loss.detach(), grad_norm.detach(), applied
 
 
 def flush_records(pending: list, samples_per_step: int, seconds: float) -> list[dict]:
@@ -185,8 +218,9 @@ def flush_records(pending: list, samples_per_step: int, seconds: float) -> list[
             "ema_decay": decay,
             "samples_per_s": rate,
             "time": now,
+            **({"skipped": True} if skipped else {}),
         }
-        for (step, _, _, lr, decay), loss, norm in zip(pending, losses, norms)
+        for (step, _, _, lr, decay, skipped), loss, norm in zip(pending, losses, norms)
     ]
 
 

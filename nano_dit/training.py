@@ -96,6 +96,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm
     ema_decay: float = 0.9999  # EMAModel max decay (with warmup)
     mixed_precision: str = "no"  # "no", "fp16", "bf16": passed to Accelerate
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more time
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (CUDA; pip install "nano-dit[gpu]")
+    max_bad_steps: int = 10  # steps in a row with a non-finite loss or gradient that stop the run
+    report_to: str = "none"  # experiment tracker: "tensorboard", "wandb" or "none"
     seed: int = 0  # seeds weights, data order, noise and CFG dropout
     log_every: int = 50  # steps between log records and progress-bar updates
     model: dict = field(default_factory=dict)  # NanoDiTTransformer2DModel config (preset + data widths)
@@ -112,6 +116,10 @@ class TrainConfig:
             raise ValueError(f"--warmup-steps must be in [0, --total-steps), got {self.warmup_steps}")
         if not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise ValueError(f"--report-to must be tensorboard, wandb or none, got {self.report_to!r}")
+        if self.max_bad_steps <= 0:
+            raise ValueError(f"--max-bad-steps must be > 0, got {self.max_bad_steps}")
         if self.checkpoint_every <= 0 or (self.checkpoints_total_limit or 1) <= 0:
             raise ValueError("--checkpoint-every and --checkpoints-total-limit must be > 0")
         try:

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,48 @@ def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path, stand_in_dir):
     with pytest.raises(FileExistsError, match="already holds a run; pass --resume latest"):
         train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4"))
     train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4", "--overwrite-output-dir"))
+
+
+class NaNAtSteps(train_nano_dit.FlowMatching):
+    """The real objective, whose loss turns NaN on the chosen calls (1-based)."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.bad_calls, self.calls = set(bad_calls), 0
+
+    def loss(self, *args, **kwargs):
+        out = super().loss(*args, **kwargs)
+        self.calls += 1
+        if self.calls in self.bad_calls or "all" in self.bad_calls:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, stand_in_dir, monkeypatch):
+    monkeypatch.setattr(train_nano_dit, "FlowMatching", lambda: NaNAtSteps({3}))
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "run"))
+    log = [json.loads(line) for line in (tmp_path / "run/checkpoints/training_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r.get("skipped")] == [3]
+    for step in (4, 8):
+        assert all(torch.isfinite(t).all() for t in _state(tmp_path / "run", step).values())
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_with_a_message(tmp_path, stand_in_dir, monkeypatch):
+    monkeypatch.setattr(train_nano_dit, "FlowMatching", lambda: NaNAtSteps({"all"}))
+    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss or gradient .* Lower --peak-lr"):
+        train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--max-bad-steps", "3"))
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == []  # nothing non-finite was saved
+
+
+def test_gradient_checkpointing_flag_trains_the_same_steps(tmp_path, stand_in_dir):
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "plain", "--total-steps", "4"))
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "ckpt", "--total-steps", "4", "--gradient-checkpointing"))
+    plain, ckpt = _state(tmp_path / "plain", 4), _state(tmp_path / "ckpt", 4)
+    for name, tensor in plain.items():
+        torch.testing.assert_close(ckpt[name], tensor, msg=name)
+
+
+def test_8bit_adam_without_bitsandbytes_says_what_to_install(tmp_path, stand_in_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ImportError, match=r'pip install "nano-dit\[gpu\]"'):
+        train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--use-8bit-adam"))
