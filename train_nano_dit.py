@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from nano_dit import FlowMatching, NanoDiTPipeline, NanoDiTTransformer2DModel
-from nano_dit.checkpointing import check_resumable, read_state, resolve_resume, save_checkpoint
+from nano_dit.checkpointing import (
+    check_replicas_agree,
+    check_resumable,
+    read_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from nano_dit.feature_cache import CachedBucket, load_cache
 from nano_dit.training import (
     CachedBatches,
@@ -63,8 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
         model.enable_gradient_checkpointing()
     ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True)
     optimizer = build_optimizer(config, model, accelerator.device)
+    # Accelerate steps a prepared scheduler once per process at each optimizer step, hence the
+    # scaling (as diffusers' training scripts do): the schedule spans total_steps optimizer steps.
+    n = accelerator.num_processes
     lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, config.warmup_steps, config.total_steps, min_lr=config.min_lr
+        optimizer, config.warmup_steps * n, config.total_steps * n, min_lr=config.min_lr
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema.to(accelerator.device)
@@ -171,6 +180,7 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
             progress.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}")
             start, pending = time.perf_counter(), []
         if step % config.checkpoint_every == 0:
+            check_replicas_agree(accelerator, run["model"])
             state = {"config": vars(config), "cfg_dropout_scheme": cfg_dropout.scheme}
             save_checkpoint(accelerator, ckpt_dir, step, state, keep=config.checkpoints_total_limit)
 

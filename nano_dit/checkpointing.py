@@ -47,6 +47,7 @@ def save_checkpoint(accelerator, ckpt_dir: str | os.PathLike, step: int, state: 
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every process's part (its RNG state) is on disk before the rename
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps({**state, "step": step, "version": __version__}, indent=2))
         if final.exists():  # a rerun of the same step: the new one wins, atomically
@@ -90,3 +91,16 @@ def check_resumable(saved: dict, model_config: dict, cfg_scheme: str, path: Path
     if diff:
         details = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"{path} holds another architecture ({details})")
+
+
+def check_replicas_agree(accelerator, model) -> None:
+    """Raise if the processes' weights differ (DDP keeps them equal; a checkpoint shows one copy).
+
+    One all-gather of a checksum per process; run before each checkpoint.
+    """
+    import torch
+
+    checksum = torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()[None]  # (1,)
+    sums = accelerator.gather(checksum)  # (num_processes,)
+    if not torch.equal(sums, sums[:1].expand_as(sums)):
+        raise RuntimeError(f"the processes hold different weights (checksums {sums.tolist()}); not saving")

@@ -1,5 +1,7 @@
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -172,3 +174,31 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_install(tmp_path, stand_in_
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(ImportError, match=r'pip install "nano-dit\[gpu\]"'):
         train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--use-8bit-adam"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_ddp_and_only_the_main_one_writes(tmp_path, stand_in_dir):
+    script = Path(__file__).parents[1] / "train_nano_dit.py"
+    # DDP on CPU: Accelerate's multi-process launcher, with ACCELERATE_USE_CPU for the gloo backend.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
+    # A checkpoint every step: each one first checks that both ranks hold the same weights.
+    args = _args(tmp_path, stand_in_dir, "run", "--total-steps", "4", "--checkpoint-every", "1")
+    result = subprocess.run(
+        [*launch, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert len(list_checkpoints(ckpts)) == 4
+    assert {p.name for p in (ckpts / "checkpoint_step0000004").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    log = (ckpts / "training_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]  # written once, by the main process
+    assert json.loads(log[-1])["lr"] == pytest.approx(1e-6)  # the schedule spans the run whatever the processes
+    assert "NanoDiT:" in result.stdout and result.stdout.count("NanoDiT:") == 1  # printed by the main process
