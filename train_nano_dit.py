@@ -31,6 +31,7 @@ from nano_dit.checkpointing import (
     save_checkpoint,
 )
 from nano_dit.feature_cache import CachedBucket, load_cache
+from nano_dit.flow_matching import loss_by_sigma_bin
 from nano_dit.training import (
     CachedBatches,
     JsonlLog,
@@ -40,12 +41,15 @@ from nano_dit.training import (
     prepare_feature_cache,
 )
 
+SIGMA_BINS = 4  # the tracker gets the loss per quarter of the noise range
+
 
 def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- setup
     config = parse_config(argv)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=config.output_dir,
     )
@@ -155,10 +159,9 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
         range(config.total_steps), initial=start_step, disable=not accelerator.is_main_process, desc="train"
     )
     start, pending, bad_in_a_row = time.perf_counter(), [], 0
+    bin_sums = bin_counts = torch.zeros(SIGMA_BINS, device=accelerator.device)
     for step in range(start_step + 1, config.total_steps + 1):
-        batch = next(batches)
-        drop_text, drop_image = (m.to(accelerator.device) for m in cfg_dropout.sample(config.batch_size))
-        loss, grad_norm, applied = optimizer_step(config, run, objective, batch, drop_text, drop_image)
+        loss, grad_norm, applied, bins = optimizer_step(config, run, objective, batches, cfg_dropout)
         progress.update(1)
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
         if not applied:
@@ -171,12 +174,19 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
         # One record per step, kept on the device; the host syncs only at logging intervals.
         lr, decay = run["lr_scheduler"].get_last_lr()[0], run["ema"].cur_decay_value
         pending.append((step, loss, grad_norm, lr, decay, not applied))
+        bin_sums, bin_counts = bin_sums + bins[0], bin_counts + bins[1]
         if step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.total_steps:
             seconds = time.perf_counter() - start
             records = flush_records(pending, config.batch_size * accelerator.num_processes, seconds)
             for record in records:
                 log.write(record)
-            accelerator.log({k: records[-1][k] for k in ("loss", "grad_norm", "lr", "ema_decay")}, step=step)
+            scalars = {k: records[-1][k] for k in ("loss", "grad_norm", "lr", "ema_decay", "samples_per_s")}
+            by_sigma = (bin_sums / bin_counts.clamp(min=1)).tolist()  # mean loss per σ bin since the last log
+            scalars.update(
+                {f"loss_sigma_{i / SIGMA_BINS:.2f}-{(i + 1) / SIGMA_BINS:.2f}": v for i, v in enumerate(by_sigma)}
+            )
+            accelerator.log(scalars, step=step)
+            bin_sums = bin_counts = torch.zeros(SIGMA_BINS, device=accelerator.device)
             progress.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}")
             start, pending = time.perf_counter(), []
         if step % config.checkpoint_every == 0:
@@ -185,32 +195,41 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
             save_checkpoint(accelerator, ckpt_dir, step, state, keep=config.checkpoints_total_limit)
 
 
-def optimizer_step(config: TrainConfig, run: dict, objective, batch, drop_text, drop_image):
-    """Forward, backward and clip; then, if loss and gradients are finite, the update and EMA.
+def optimizer_step(config: TrainConfig, run: dict, objective, batches, cfg_dropout):
+    """One optimizer step: forward and backward over `gradient_accumulation_steps` micro-batches,
+    clip, and — if loss and gradients are finite — the update and EMA.
 
-    Returns (loss, grad_norm, applied). Deciding costs one host sync per step, on purpose: a
-    non-finite update must never reach the weights (nor, so, any checkpoint).
+    Returns (loss, grad_norm, applied, (σ-bin loss sums, counts)). Deciding costs one host sync per
+    step, on purpose: a non-finite update must never reach the weights (nor, so, any checkpoint).
     """
     accelerator, model = run["accelerator"], run["model"]
-    with accelerator.autocast():
-        out = objective.loss(
-            model,
-            batch["latents"],
-            encoder_hidden_states=batch["text_embeds"],
-            encoder_attention_mask=batch["text_mask"],
-            image_embeds=batch["image_embeds"],
-            drop_text=drop_text,
-            drop_image=drop_image,
-        )
-    accelerator.backward(out.loss)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-    applied = bool(torch.isfinite(grad_norm) & torch.isfinite(out.loss))
+    losses, bins = [], None
+    for _ in range(config.gradient_accumulation_steps):
+        batch = next(batches)
+        drop_text, drop_image = (m.to(accelerator.device) for m in cfg_dropout.sample(config.batch_size))
+        with accelerator.accumulate(model), accelerator.autocast():
+            out = objective.loss(
+                model,
+                batch["latents"],
+                encoder_hidden_states=batch["text_embeds"],
+                encoder_attention_mask=batch["text_mask"],
+                image_embeds=batch["image_embeds"],
+                drop_text=drop_text,
+                drop_image=drop_image,
+            )
+            accelerator.backward(out.loss)  # Accelerate divides by the accumulation steps
+        losses.append(out.loss.detach())
+        micro = loss_by_sigma_bin(out.per_sample, out.sigmas, SIGMA_BINS)
+        bins = micro if bins is None else (bins[0] + micro[0], bins[1] + micro[1])
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)  # gradients are synced now
+    loss = torch.stack(losses).mean()
+    applied = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
     if applied:
         run["optimizer"].step()
         run["lr_scheduler"].step()
         run["ema"].step(model.parameters())
     run["optimizer"].zero_grad(set_to_none=True)
-    return out.loss.detach(), grad_norm.detach(), applied
+    return loss, grad_norm.detach(), applied, bins
 
 
 def flush_records(pending: list, samples_per_step: int, seconds: float) -> list[dict]:

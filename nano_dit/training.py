@@ -88,7 +88,8 @@ class TrainConfig:
     p_image_only: float = 0.1  # text dropped
     # -- optimisation
     total_steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # samples per step (per process); one bucket per batch
+    batch_size: int = 16  # samples per micro-batch (per process); one bucket per batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     peak_lr: float = 3e-4  # AdamW learning rate after warmup
     min_lr: float = 1e-6  # floor of the cosine decay
     warmup_steps: int = 50  # linear warmup; the seed's 5k would leave no room for the decay
@@ -107,7 +108,14 @@ class TrainConfig:
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
-        for name in ("total_steps", "batch_size", "resolution", "num_images", "log_every"):
+        for name in (
+            "total_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "resolution",
+            "num_images",
+            "log_every",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.peak_lr <= 0 or not 0 <= self.min_lr <= self.peak_lr:

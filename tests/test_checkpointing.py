@@ -202,3 +202,12 @@ def test_two_processes_train_with_ddp_and_only_the_main_one_writes(tmp_path, sta
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]  # written once, by the main process
     assert json.loads(log[-1])["lr"] == pytest.approx(1e-6)  # the schedule spans the run whatever the processes
     assert "NanoDiT:" in result.stdout and result.stdout.count("NanoDiT:") == 1  # printed by the main process
+
+
+def test_gradient_accumulation_draws_that_many_micro_batches_per_step(tmp_path, stand_in_dir):
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--gradient-accumulation-steps", "3"))
+    folder = tmp_path / "run" / "checkpoints" / "checkpoint_step0000008"
+    cfg_dropout = torch.load(folder / "custom_checkpoint_1.pkl", weights_only=True)
+    assert cfg_dropout["num_drawn"] == 8 * 3 * 4  # steps x micro-batches x batch size
+    log = (tmp_path / "run" / "checkpoints" / "training_log.jsonl").read_text().splitlines()
+    assert len(log) == 8 and json.loads(log[-1])["lr"] == pytest.approx(1e-6)
