@@ -159,17 +159,38 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
+    parser.add_argument("--config", default=None, help="YAML file of these settings (field names); flags win")
     args = parser.parse_args(argv)
-    preset = args.preset or TrainConfig.preset
+    from_file = _read_config_file(args.config, parser) if args.config else {}
+    preset = args.preset or from_file.get("preset") or TrainConfig.preset
     if preset not in PRESETS:
         parser.error(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    values = {**PRESETS[preset]["train"], **{k: v for k, v in vars(args).items() if v is not None}}
+    flags = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    values = {**PRESETS[preset]["train"], **from_file, **flags}
     config = TrainConfig(**values, model=dict(PRESETS[preset]["model"]))
     try:
         config.validate()
     except ValueError as err:
         parser.error(str(err))  # usage + the message naming the flag, exit status 2, before any work
     return config
+
+
+def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Settings from YAML: keys are TrainConfig fields (dashes or underscores); unknown keys are refused."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"--config {path}: {err}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        parser.error(f"--config {path}: unknown settings {unknown}")
+    return values
 
 
 # --------------------------------------------------------------------------------------------

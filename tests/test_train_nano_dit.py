@@ -84,3 +84,13 @@ def test_training_on_vae_latents_takes_its_widths_from_the_cache(tmp_path, stand
     assert config["model"]["in_channels"] == 16 and config["model"]["sample_size"] == 4  # Flux layout, x8 down
     pipe = NanoDiTPipeline.from_pretrained(tmp_path / "run" / "checkpoints" / "checkpoint_final")
     assert pipe.transformer.config.in_channels == 16
+
+
+def test_a_yaml_config_sits_between_the_preset_and_the_flags(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("preset: nano\nbatch-size: 4\ntotal_steps: 3000\n")
+    config = parse_config(["--config", str(tmp_path / "run.yaml"), "--total-steps", "2000"])
+    assert (config.preset, config.batch_size, config.total_steps, config.peak_lr) == ("nano", 4, 2000, 3e-4)
+    (tmp_path / "bad.yaml").write_text("batch_sise: 4\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(tmp_path / "bad.yaml")])
+    assert "unknown settings ['batch_sise']" in capsys.readouterr().err
