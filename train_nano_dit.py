@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = NanoDiTTransformer2DModel(**config.model)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True)
+    ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, foreach=True)
     optimizer = build_optimizer(config, model, accelerator.device)
     # Accelerate steps a prepared scheduler once per process at each optimizer step, hence the
     # scaling (as diffusers' training scripts do): the schedule spans total_steps optimizer steps.
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- loop
     log_path = os.path.join(ckpt_dir, "training_log.jsonl")
     run = dict(accelerator=accelerator, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    run["params"] = list(model.parameters())  # walked once, not at every clip and EMA update
     with JsonlLog(
         log_path, enabled=accelerator.is_main_process, resume_step=start_step if config.resume else None
     ) as log:
@@ -221,13 +222,13 @@ def optimizer_step(config: TrainConfig, run: dict, objective, batches, cfg_dropo
         losses.append(out.loss.detach())
         micro = loss_by_sigma_bin(out.per_sample, out.sigmas, SIGMA_BINS)
         bins = micro if bins is None else (bins[0] + micro[0], bins[1] + micro[1])
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)  # gradients are synced now
+    grad_norm = accelerator.clip_grad_norm_(run["params"], config.grad_clip)  # gradients are synced now
     loss = torch.stack(losses).mean()
     applied = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
     if applied:
         run["optimizer"].step()
         run["lr_scheduler"].step()
-        run["ema"].step(model.parameters())
+        run["ema"].step(run["params"])
     run["optimizer"].zero_grad(set_to_none=True)
     return loss, grad_norm.detach(), applied, bins
 
