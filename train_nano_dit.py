@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import torch
@@ -277,4 +278,7 @@ def reconstruction_check(pipe: NanoDiTPipeline, bucket: CachedBucket, config: Tr
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileExistsError, FileNotFoundError) as err:  # the user's data or folders, not a bug: no traceback
+        sys.exit(f"train_nano_dit.py: error: {err}")
