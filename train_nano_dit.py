@@ -37,6 +37,7 @@ from nano_dit.training import (
     CachedBatches,
     JsonlLog,
     TrainConfig,
+    conditioning,
     model_config_for,
     parse_config,
     prepare_feature_cache,
@@ -211,13 +212,7 @@ def optimizer_step(config: TrainConfig, run: dict, objective, batches, cfg_dropo
         drop_text, drop_image = (m.to(accelerator.device) for m in cfg_dropout.sample(config.batch_size))
         with accelerator.accumulate(model), accelerator.autocast():
             out = objective.loss(
-                model,
-                batch["latents"],
-                encoder_hidden_states=batch["text_embeds"],
-                encoder_attention_mask=batch["text_mask"],
-                image_embeds=batch["image_embeds"],
-                drop_text=drop_text,
-                drop_image=drop_image,
+                model, batch["latents"], drop_text=drop_text, drop_image=drop_image, **conditioning(batch)
             )
             accelerator.backward(out.loss)  # Accelerate divides by the accumulation steps
         losses.append(out.loss.detach())

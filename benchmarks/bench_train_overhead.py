@@ -24,7 +24,7 @@ import torch
 
 from nano_dit import FlowMatching, NanoDiTTransformer2DModel
 from nano_dit.feature_cache import load_cache
-from nano_dit.training import PRESETS, CachedBatches, model_config_for, parse_config
+from nano_dit.training import PRESETS, CachedBatches, conditioning, model_config_for, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,13 +43,7 @@ def bare_steps(model, batches, steps: int) -> list[float]:
     for _ in range(steps):
         batch = next(batches)
         start = time.perf_counter()
-        out = objective.loss(
-            model,
-            batch["latents"],
-            encoder_hidden_states=batch["text_embeds"],
-            encoder_attention_mask=batch["text_mask"],
-            image_embeds=batch["image_embeds"],
-        )
+        out = objective.loss(model, batch["latents"], **conditioning(batch))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -224,6 +224,15 @@ def model_config_for(config: TrainConfig, buckets: list[CachedBucket]) -> dict:
     }
 
 
+def conditioning(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A cached batch's conditioning, as the model's keyword arguments."""
+    return {
+        "encoder_hidden_states": batch["text_embeds"],
+        "encoder_attention_mask": batch["text_mask"],
+        "image_embeds": batch["image_embeds"],
+    }
+
+
 class CachedBatches:
     """Endless random batches from the cached buckets, all tensors on `device`; a batch never
     mixes buckets. Buckets are chosen in proportion to their size. Seeded per process.
