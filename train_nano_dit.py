@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     set_seed(config.seed, device_specific=True)
     ckpt_dir = os.path.join(config.output_dir, "checkpoints")
-    check_output_dir(config, ckpt_dir)
+    check_output_dir(config, ckpt_dir, remove=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
 
     # ---------------------------------------------------------------- data
     with accelerator.main_process_first():  # one process encodes, the others then read the cache
@@ -133,10 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def check_output_dir(config: TrainConfig, ckpt_dir: str) -> None:
-    """A new run does not write over an earlier one unless asked (--resume or --overwrite-output-dir)."""
+def check_output_dir(config: TrainConfig, ckpt_dir: str, remove: bool) -> None:
+    """A new run does not write over an earlier one unless asked (--resume or --overwrite-output-dir);
+    asked, the earlier checkpoints go first (`remove`: the main process), so that a later
+    `--resume latest` cannot pick one of them."""
     earlier = os.path.isdir(ckpt_dir) and any(os.scandir(ckpt_dir))
-    if earlier and not config.resume and not config.overwrite_output_dir:
+    if earlier and config.overwrite_output_dir and not config.resume:
+        if remove:
+            shutil.rmtree(ckpt_dir)
+        return
+    if earlier and not config.resume:
         raise FileExistsError(
             f"{config.output_dir} already holds a run; pass --resume latest to continue it, "
             "--overwrite-output-dir to start afresh, or another --output-dir"

@@ -128,7 +128,11 @@ def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path, stand_in_dir):
     train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4"))
     with pytest.raises(FileExistsError, match="already holds a run; pass --resume latest"):
         train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4"))
+    later = ("--total-steps", "8", "--checkpoint-every", "2", "--overwrite-output-dir")
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", *later))
     train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4", "--overwrite-output-dir"))
+    # The earlier run's later checkpoints are gone: `--resume latest` finds this run's.
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_step0000004"]
 
 
 class NaNAtSteps(train_nano_dit.FlowMatching):
