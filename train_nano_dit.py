@@ -28,6 +28,7 @@ from nano_dit import FlowMatching, NanoDiTPipeline, NanoDiTTransformer2DModel
 from nano_dit.checkpointing import (
     check_replicas_agree,
     check_resumable,
+    load_process_state,
     read_state,
     resolve_resume,
     save_checkpoint,
@@ -86,8 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema.to(accelerator.device)
     cfg_dropout = config.cfg_dropout(rank=accelerator.process_index)
-    # save_state / load_state carry these too, in this order.
-    accelerator.register_for_checkpointing(ema, cfg_dropout, batches)
+    accelerator.register_for_checkpointing(ema)  # the same on every process; save_state carries it
     stand_in = (
         " with STAND-IN encoders (tiny, random: not real T5 / DINOv3)" if manifest["encoders"]["stand_in"] else ""
     )
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         saved = read_state(path)
         check_resumable(saved, config.model, cfg_dropout.scheme, path)
         accelerator.load_state(str(path))
+        restore_samplers(path, accelerator, {"cfg_dropout": cfg_dropout, "batches": batches})
         start_step = saved["step"]
         accelerator.print(f"resumed from {path} at step {start_step}")
     if accelerator.is_main_process:
@@ -133,6 +134,16 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.print(json.dumps(result, indent=2))
     accelerator.end_training()
     return result
+
+
+def restore_samplers(path, accelerator, samplers: dict) -> None:
+    """Each process's CFG-dropout and batch streams, from its own file in the checkpoint."""
+    state = load_process_state(path, accelerator.process_index)
+    if state is None:  # saved by fewer processes: this one starts its streams afresh
+        print(f"process {accelerator.process_index}: no sampler state in {path}; its streams restart from the seed")
+        return
+    for name, sampler in samplers.items():
+        sampler.load_state_dict(state[name])
 
 
 def check_output_dir(config: TrainConfig, ckpt_dir: str, remove: bool) -> None:
@@ -203,7 +214,8 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
         if step % config.checkpoint_every == 0:
             check_replicas_agree(accelerator, run["model"])
             state = {"config": vars(config), "cfg_dropout_scheme": cfg_dropout.scheme}
-            save_checkpoint(accelerator, ckpt_dir, step, state, keep=config.checkpoints_total_limit)
+            samplers = {"cfg_dropout": cfg_dropout.state_dict(), "batches": batches.state_dict()}
+            save_checkpoint(accelerator, ckpt_dir, step, state, config.checkpoints_total_limit, samplers)
 
 
 def optimizer_step(config: TrainConfig, run: dict, objective, batches, cfg_dropout):

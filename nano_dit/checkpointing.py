@@ -18,6 +18,8 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
 from . import __version__
 
 STATE_FILE = "training_state.json"
@@ -37,9 +39,20 @@ def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
 
 
-def save_checkpoint(accelerator, ckpt_dir: str | os.PathLike, step: int, state: dict, keep: int | None) -> Path:
+def save_checkpoint(
+    accelerator,
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    state: dict,
+    keep: int | None,
+    process_state: dict | None = None,
+) -> Path:
     """Save the accelerator state (and `state` as JSON) as `checkpoint_step<step>`; keep the
-    newest `keep` checkpoints (all when None). Call on every process: save_state gathers."""
+    newest `keep` checkpoints (all when None). Call on every process: save_state gathers.
+
+    `process_state` is what differs between processes (their samplers' states); Accelerate saves
+    registered objects from the main process only, so each process writes its own file here.
+    """
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / checkpoint_name(step)
     partial = ckpt_dir / f".{final.name}.partial"
@@ -47,7 +60,9 @@ def save_checkpoint(accelerator, ckpt_dir: str | os.PathLike, step: int, state: 
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()  # every process's part (its RNG state) is on disk before the rename
+    if process_state is not None:
+        torch.save(process_state, partial / f"process_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()  # every process's part is on disk before the rename
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps({**state, "step": step, "version": __version__}, indent=2))
         if final.exists():  # a rerun of the same step: the new one wins, atomically
@@ -77,6 +92,12 @@ def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
+def load_process_state(path: Path, process_index: int) -> dict | None:
+    """This process's own part of a checkpoint, or None if it was saved by fewer processes."""
+    file = path / f"process_state_{process_index}.pt"
+    return torch.load(file, weights_only=True) if file.exists() else None
+
+
 def check_resumable(saved: dict, model_config: dict, cfg_scheme: str, path: Path) -> None:
     """Refuse a checkpoint of another architecture or another CFG-dropout scheme, saying why."""
     if saved.get("cfg_dropout_scheme") != cfg_scheme:
@@ -98,8 +119,6 @@ def check_replicas_agree(accelerator, model) -> None:
 
     One all-gather of a checksum per process; run before each checkpoint.
     """
-    import torch
-
     checksum = torch.stack([p.detach().float().sum() for p in model.parameters()]).sum()[None]  # (1,)
     sums = accelerator.gather(checksum)  # (num_processes,)
     if not torch.equal(sums, sums[:1].expand_as(sums)):

@@ -198,10 +198,11 @@ def test_two_processes_train_with_ddp_and_only_the_main_one_writes(tmp_path, sta
     assert result.returncode == 0, result.stderr[-3000:]
     ckpts = tmp_path / "run" / "checkpoints"
     assert len(list_checkpoints(ckpts)) == 4
-    assert {p.name for p in (ckpts / "checkpoint_step0000004").glob("random_states_*.pkl")} == {
-        "random_states_0.pkl",
-        "random_states_1.pkl",
-    }
+    last = ckpts / "checkpoint_step0000004"
+    assert {p.name for p in last.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    # Each process saved its own sampler streams (they differ: seed + rank), for an exact resume.
+    states = [torch.load(last / f"process_state_{i}.pt", weights_only=True) for i in range(2)]
+    assert not torch.equal(states[0]["cfg_dropout"]["bag"], states[1]["cfg_dropout"]["bag"])
     log = (ckpts / "training_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]  # written once, by the main process
     assert json.loads(log[-1])["lr"] == pytest.approx(1e-6)  # the schedule spans the run whatever the processes
@@ -211,7 +212,7 @@ def test_two_processes_train_with_ddp_and_only_the_main_one_writes(tmp_path, sta
 def test_gradient_accumulation_draws_that_many_micro_batches_per_step(tmp_path, stand_in_dir):
     train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--gradient-accumulation-steps", "3"))
     folder = tmp_path / "run" / "checkpoints" / "checkpoint_step0000008"
-    cfg_dropout = torch.load(folder / "custom_checkpoint_1.pkl", weights_only=True)
+    cfg_dropout = torch.load(folder / "process_state_0.pt", weights_only=True)["cfg_dropout"]
     assert cfg_dropout["num_drawn"] == 8 * 3 * 4  # steps x micro-batches x batch size
     log = (tmp_path / "run" / "checkpoints" / "training_log.jsonl").read_text().splitlines()
     assert len(log) == 8 and json.loads(log[-1])["lr"] == pytest.approx(1e-6)
