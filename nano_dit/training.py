@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,11 +151,12 @@ class TrainConfig:
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Command line -> TrainConfig: preset defaults first, explicit flags on top."""
     parser = argparse.ArgumentParser(description="Train Nano DiT with rectified flow (run with `accelerate launch`).")
+    comments = _field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model":
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"(default: the preset's, else {f.default})"
+        help_text = f"{comments.get(f.name, '')} (default: the preset's, else {f.default})".replace("%", "%%")
         kind = next((t for t in (bool, int, float) if f.type.startswith(t.__name__)), str)  # "int | None" -> int
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -173,6 +176,13 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     except ValueError as err:
         parser.error(str(err))  # usage + the message naming the flag, exit status 2, before any work
     return config
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """Each field's trailing comment in the class source: the one place a setting is explained,
+    shown by --help too."""
+    pattern = re.compile(r"^\s+(\w+): [^#]*#\s*(.+)$")
+    return {m.group(1): m.group(2) for m in map(pattern.match, inspect.getsource(cls).splitlines()) if m}
 
 
 def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:

@@ -94,3 +94,13 @@ def test_a_yaml_config_sits_between_the_preset_and_the_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--config", str(tmp_path / "bad.yaml")])
     assert "unknown settings ['batch_sise']" in capsys.readouterr().err
+
+
+def test_every_flag_is_explained_by_its_field_comment():
+    import dataclasses
+
+    from nano_dit.training import TrainConfig, _field_comments
+
+    comments = _field_comments(TrainConfig)
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(comments)
+    assert comments["max_bad_steps"].startswith("steps in a row with a non-finite loss")
