@@ -29,6 +29,8 @@ from .shards import (
     IMAGE_EXTENSIONS,
     SampleSkipped,
     check_size,
+    conversions_text,
+    decode_caption,
     fit_to_bucket,
     make_buckets,
     nearest_bucket,
@@ -49,9 +51,7 @@ class PrepareReport:
     def summary(self) -> str:
         buckets = ", ".join(f"{b}: {n}" for b, n in sorted(self.written.items())) or "nothing"
         text = f"wrote {sum(self.written.values())} samples ({buckets}); skipped {len(self.skipped)}"
-        if self.converted:
-            text += "; converted " + ", ".join(f"{n} ({why})" for why, n in sorted(self.converted.items()))
-        return text
+        return text + conversions_text(self.converted)
 
 
 def find_source_items(src: str | os.PathLike) -> list[tuple[Path, str | bytes | None]]:
@@ -155,14 +155,7 @@ def _prepare_one(name: str, image, caption, buckets, min_side, max_aspect, repor
     """One source item (image: a path or bytes) -> a sample fitted to its bucket, or SampleSkipped."""
     if caption is None:
         raise SampleSkipped("no caption (no sidecar .txt and no metadata text)")
-    if isinstance(caption, bytes):
-        try:
-            caption = caption.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise SampleSkipped(f"caption is not UTF-8 ({err.reason} at byte {err.start})") from None
-    caption = caption.strip()
-    if not caption:
-        raise SampleSkipped("caption is empty")
+    caption = decode_caption(caption)
     if image is None:
         raise SampleSkipped("no image data")
     image, converted = to_rgb(open_image(image.read_bytes() if isinstance(image, Path) else image))

@@ -97,6 +97,26 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image.convert("RGB"), f"{mode} -> RGB"
 
 
+def decode_caption(raw: bytes | str) -> str:
+    """A caption as text, stripped; SampleSkipped when it is not UTF-8 or is empty."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise SampleSkipped(f"caption is not UTF-8 ({err.reason} at byte {err.start})") from None
+    caption = raw.strip()
+    if not caption:
+        raise SampleSkipped("caption is empty")
+    return caption
+
+
+def conversions_text(converted: Counter) -> str:
+    """The conversions part of a summary line (`; converted 3 (L -> RGB), ...`), empty if none."""
+    if not converted:
+        return ""
+    return "; converted " + ", ".join(f"{n} ({why})" for why, n in sorted(converted.items()))
+
+
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> Image.Image:
     """Resize so the image covers the bucket, then centre-crop to it exactly."""
     return ImageOps.fit(image, bucket, method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
@@ -179,10 +199,7 @@ class ReadStats:
     converted: Counter = field(default_factory=Counter)  # reason -> count
 
     def summary(self) -> str:
-        text = f"read {self.read} samples, skipped {len(self.skipped)}"
-        if self.converted:
-            text += "; converted " + ", ".join(f"{n} ({why})" for why, n in sorted(self.converted.items()))
-        return text
+        return f"read {self.read} samples, skipped {len(self.skipped)}" + conversions_text(self.converted)
 
 
 def find_shards(root: str | os.PathLike) -> list[Path]:
@@ -276,12 +293,7 @@ class ShardReader(torch.utils.data.IterableDataset):
             raise SampleSkipped(f"no image ({'/'.join(IMAGE_EXTENSIONS)} member)")
         if "txt" not in raw:
             raise SampleSkipped("no caption (.txt member)")
-        try:
-            caption = raw["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError as err:
-            raise SampleSkipped(f"caption is not UTF-8 ({err.reason} at byte {err.start})") from None
-        if not caption:
-            raise SampleSkipped("caption is empty")
+        caption = decode_caption(raw["txt"])
         image = open_image(raw[image_ext])
         image, converted = to_rgb(image)
         bucket = shard_bucket(url)
