@@ -58,3 +58,15 @@ def stand_in_dir(tmp_path_factory):
     from nano_dit.encoders import make_stand_in_encoders
 
     return make_stand_in_encoders(tmp_path_factory.mktemp("encoders"), seed=0, image_size=32)
+
+
+def load_train_script():
+    """train_nano_dit.py as a module: it is a script (so that `accelerate launch` runs it), not
+    part of the package."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_nano_dit", Path(__file__).parents[1] / "train_nano_dit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

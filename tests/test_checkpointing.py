@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import subprocess
@@ -7,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_train_script
 from safetensors.torch import load_file
 
 from nano_dit import checkpointing
 from nano_dit.checkpointing import check_resumable, list_checkpoints, resolve_resume
 
-_spec = importlib.util.spec_from_file_location("train_nano_dit", Path(__file__).parents[1] / "train_nano_dit.py")
-train_nano_dit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_nano_dit)
+train_nano_dit = load_train_script()
 
 
 class Killed(Exception):

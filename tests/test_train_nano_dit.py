@@ -1,18 +1,14 @@
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_train_script
 
 from nano_dit import NanoDiTPipeline
 from nano_dit.training import parse_config
 
-# train_nano_dit.py is a script (so that `accelerate launch` runs it), not a module of the package.
-_spec = importlib.util.spec_from_file_location("train_nano_dit", Path(__file__).parents[1] / "train_nano_dit.py")
-train_nano_dit = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_nano_dit)
+train_nano_dit = load_train_script()
 
 
 def _demo_args(tmp_path, stand_in_dir, *extra):
