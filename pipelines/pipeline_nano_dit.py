@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import json
+import os
+import re
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
@@ -12,6 +21,8 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 GUIDANCE_MODES = ("independent", "nested")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MODEL_CARD = "README.md"
 
 # The four conditioning modes, as (drop_text, drop_image): the same masks training uses.
 BRANCHES = {"none": (True, True), "text": (False, True), "image": (True, False), "both": (False, False)}
@@ -22,7 +33,13 @@ EXAMPLE_DOC_STRING = """
         >>> from nano_dit import NanoDiTPipeline
 
         >>> pipe = NanoDiTPipeline.from_pretrained("runs/demo/checkpoints/checkpoint_final")
-        >>> image = pipe(prompt_embeds=text, prompt_attention_mask=mask, image_embeds=dino).images[0]
+        >>> reference = PIL.Image.open("reference.png")
+        >>> image = pipe("a red circle on the left, blue background", image=reference).images[0]
+
+        >>> # Without this package installed, the same folder or Hub repo loads through its own code:
+        >>> from diffusers import DiffusionPipeline
+
+        >>> pipe = DiffusionPipeline.from_pretrained("user/nano-dit", trust_remote_code=True)
         ```
 """
 
@@ -54,10 +71,18 @@ class NanoDiTPipeline(DiffusionPipeline):
         vae (`AutoencoderKL`, *optional*): Flux VAE; `None` is pixel mode (latents are the image in [−1, 1]).
         text_encoder, tokenizer (*optional*): T5 encoder and its tokenizer, for `prompt`.
         image_encoder, image_processor (*optional*): DINOv3 and its processor, for `image`.
+
+    A saved pipeline carries this module and the transformer's beside its weights and names them in
+    `model_index.json` (diffusers' community-components layout), so that it loads with
+    `DiffusionPipeline.from_pretrained(folder_or_repo, trust_remote_code=True)` where this package
+    is not installed; `NanoDiTPipeline.from_pretrained` loads the same folder with the installed
+    classes and runs none of the carried code. `model_card` (the folder's README.md) travels with
+    the pipeline through `from_pretrained`, `save_pretrained` and `push_to_hub`.
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer", "image_encoder", "image_processor"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -81,17 +106,22 @@ class NanoDiTPipeline(DiffusionPipeline):
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.output_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.model_card: str | None = None  # README.md text; see `save_pretrained`
+        self.model_card_assets: dict[str, bytes] = {}  # files the card shows (e.g. a sample grid), by name
 
     # ----------------------------------------------------------------------------------------
     # Conditioning
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(self, prompt: str | list[str], device=None, max_sequence_length: int = 128):
-        """T5 token embeddings `(B, L, text_embed_dim)` and their attention mask `(B, L)`."""
+        """T5 token embeddings `(B, L, text_embed_dim)` and their attention mask `(B, L)`, padded
+        to the longest prompt: the same as the feature cache's, so cached and fresh prompts agree."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("prompt needs a text_encoder and a tokenizer; pass prompt_embeds instead")
-        device = device or self._execution_device
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        device = device or self._execution_device
         tokens = self.tokenizer(
             prompts, padding="longest", max_length=max_sequence_length, truncation=True, return_tensors="pt"
         )
@@ -101,13 +131,19 @@ class NanoDiTPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_image(self, image, device=None):
-        """DINOv3 global embedding `(B, image_embed_dim)` (the pooled CLS token)."""
+        """DINOv3 embeddings of reference image(s): the global one `(B, image_embed_dim)` (the
+        pooled CLS token) and the patch tokens `(B, M, image_embed_dim)`.
+
+        `image`: a PIL image, a list of them, or a float tensor `(B, 3, H, W)` in [0, 1].
+        """
         if self.image_encoder is None or self.image_processor is None:
             raise ValueError("image needs an image_encoder and an image_processor; pass image_embeds instead")
+        images = _as_image_list(image)
         device = device or self._execution_device
-        pixels = self.image_processor(images=image, return_tensors="pt").pixel_values
-        pixels = pixels.to(device=device, dtype=self.image_encoder.dtype)
-        return self.image_encoder(pixel_values=pixels).pooler_output
+        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
+        out = self.image_encoder(pixel_values=pixels.to(device=device, dtype=self.image_encoder.dtype))
+        first_patch = 1 + getattr(self.image_encoder.config, "num_register_tokens", 0)
+        return out.pooler_output, out.last_hidden_state[:, first_patch:]
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -119,6 +155,7 @@ class NanoDiTPipeline(DiffusionPipeline):
         prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
         text_guidance_scale: float = 3.0,
         image_guidance_scale: float = 2.0,
         guidance_mode: str = "independent",
@@ -131,37 +168,51 @@ class NanoDiTPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ) -> ImagePipelineOutput | tuple:
-        r"""Generate images.
+        r"""Generate images from a prompt and a reference image, with dual classifier-free guidance.
 
-        Each guided step runs every branch it needs (∅, text-only, image-only or both) through the
-        transformer as ONE batch; see `guidance_weights` for the two formulas.
+        Each step runs every branch the guidance needs (∅, text-only, image-only or both) through
+        the transformer as ONE batch, and combines them (see `guidance_weights`):
+
+            independent (the seed's):  v = v∅ + s_t·(v_text − v∅) + s_i·(v_image − v∅)
+            nested (InstructPix2Pix):  v = v∅ + s_i·(v_image − v∅) + s_t·(v_both − v_image)
+
+        A branch whose weight is zero is not run: "nested" at scales (1, 1) is one plain
+        conditional forward. An absent condition (no prompt, or no image) uses the learned null
+        embedding and its guidance term drops out.
 
         Args:
             prompt: text, encoded with the pipeline's T5; or give `prompt_embeds` (+ mask).
-            image: reference image(s) for DINOv3; or give `image_embeds`.
-            text_guidance_scale, image_guidance_scale: guidance scales s_t and s_i (≥ 0).
+            image: reference image(s) for DINOv3 (PIL, list of PIL, or a (B, 3, H, W) tensor in
+                [0, 1]); or give `image_embeds` (and `image_tokens` for a model that uses them).
+            text_guidance_scale, image_guidance_scale: s_t and s_i (≥ 0).
             guidance_mode: "independent" or "nested".
-            num_inference_steps: Euler steps from σ = 1 to 0.
-            height, width: output size in pixels; default `sample_size × vae_scale_factor`.
-            output_type: "pil", "np", "pt" or "latent".
+            num_inference_steps: Euler steps from σ = 1 down to 0.
+            height, width: output size in pixels; default `sample_size × vae_scale_factor`; both
+                multiples of `vae_scale_factor × patch_size`.
+            num_images_per_prompt: images per prompt (each with its own noise).
+            generator, latents: the starting noise's generator, or the noise itself.
+            output_type: "pil", "np", "pt" (images in [0, 1]) or "latent".
+            callback_on_step_end: called after each step as `f(pipe, i, t, {name: tensor})` with the
+                tensors named in `callback_on_step_end_tensor_inputs`; may return replacements.
 
         Returns:
-            `ImagePipelineOutput` with `images`, or a 1-tuple.
+            `ImagePipelineOutput` with `images`, or a 1-tuple when `return_dict=False`.
         """
         device = self._execution_device
-        guidance_weights(guidance_mode, text_guidance_scale, image_guidance_scale)  # checks the mode early
-        if text_guidance_scale < 0 or image_guidance_scale < 0:
-            raise ValueError(
-                f"guidance scales must be >= 0, got text_guidance_scale={text_guidance_scale}, "
-                f"image_guidance_scale={image_guidance_scale}"
-            )
+        self.check_inputs(
+            prompt, image, prompt_embeds, image_embeds, text_guidance_scale, image_guidance_scale, guidance_mode,
+            num_inference_steps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
+        )  # fmt: skip
 
         # 1. Conditioning (an absent condition uses the null embedding; its guidance term drops out).
-        if prompt is not None and prompt_embeds is None:
+        if prompt is not None:
             prompt_embeds, prompt_attention_mask = self.encode_prompt(prompt, device)
-        if image is not None and image_embeds is None:
-            image_embeds = self.encode_image(image, device)
+        if image is not None:
+            image_embeds, image_tokens = self.encode_image(image, device)
+        if not getattr(self.transformer.config, "use_image_tokens", False):
+            image_tokens = None
         if prompt_embeds is None:
             text_guidance_scale = 0.0
         if image_embeds is None:
@@ -171,9 +222,10 @@ class NanoDiTPipeline(DiffusionPipeline):
         prompt_embeds = _per_image(prompt_embeds, num_images_per_prompt, device, dtype)
         prompt_attention_mask = _per_image(prompt_attention_mask, num_images_per_prompt, device)
         image_embeds = _per_image(image_embeds, num_images_per_prompt, device, dtype)
+        image_tokens = _per_image(image_tokens, num_images_per_prompt, device, dtype)
 
         # 2. Latents and the σ schedule (passed explicitly: the scheduler applies its shift once).
-        latents = self._prepare_latents(batch, height, width, generator, latents, device)
+        latents = self.prepare_latents(batch, height, width, generator, latents, device)
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         self.scheduler.set_timesteps(sigmas=sigmas, device=device)
         weights = guidance_weights(guidance_mode, text_guidance_scale, image_guidance_scale)
@@ -190,22 +242,68 @@ class NanoDiTPipeline(DiffusionPipeline):
                 encoder_hidden_states=_repeat(prompt_embeds, k),
                 encoder_attention_mask=_repeat(prompt_attention_mask, k),
                 image_embeds=_repeat(image_embeds, k),
+                image_tokens=_repeat(image_tokens, k),
                 drop_text=drop_text,
                 drop_image=drop_image,
             ).sample
             v = sum(w * v_b for w, v_b in zip(weights.values(), v_all.chunk(k)))
             latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
-                latents = callback_on_step_end(self, i, t, {"latents": latents}).get("latents", latents)
+                tensors = {"latents": latents}
+                outputs = callback_on_step_end(self, i, t, {n: tensors[n] for n in callback_on_step_end_tensor_inputs})
+                latents = (outputs or {}).get("latents", latents)
 
         # 4. Decode.
-        image = self._decode(latents, output_type)
+        image = latents if output_type == "latent" else self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
 
     # ----------------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt,
+        image,
+        prompt_embeds,
+        image_embeds,
+        text_guidance_scale,
+        image_guidance_scale,
+        guidance_mode,
+        num_inference_steps,
+        num_images_per_prompt,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        """Refuse bad arguments before any work, naming the argument."""
+        if guidance_mode not in GUIDANCE_MODES:
+            raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
+        if text_guidance_scale < 0 or image_guidance_scale < 0:
+            raise ValueError(
+                f"guidance scales must be >= 0, got text_guidance_scale={text_guidance_scale}, "
+                f"image_guidance_scale={image_guidance_scale}"
+            )
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either prompt or prompt_embeds, not both")
+        if image is not None and image_embeds is not None:
+            raise ValueError("pass either image or image_embeds, not both")
+        if prompt is not None and image is not None:
+            n_prompts = 1 if isinstance(prompt, str) else len(prompt)
+            n_images = len(_as_image_list(image))
+            if n_prompts != n_images:
+                raise ValueError(f"got {n_prompts} prompt(s) and {n_images} image(s): give one image per prompt")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {sorted(unknown)}"
+            )
+
     @staticmethod
     def _batch_size(prompt_embeds, image_embeds) -> int:
         sizes = {name: t.shape[0] for name, t in (("prompt", prompt_embeds), ("image", image_embeds)) if t is not None}
@@ -213,7 +311,8 @@ class NanoDiTPipeline(DiffusionPipeline):
             raise ValueError(f"prompt and image batch sizes differ: {sizes}")
         return next(iter(sizes.values()), 1)
 
-    def _prepare_latents(self, batch, height, width, generator, latents, device):
+    def prepare_latents(self, batch, height, width, generator, latents, device) -> torch.Tensor:
+        """The starting noise `(batch, C, height / f, width / f)`, or the given `latents` checked."""
         config = self.transformer.config
         factor = self.vae_scale_factor
         height = height or config.sample_size * factor
@@ -228,16 +327,126 @@ class NanoDiTPipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return latents.to(device=device, dtype=self.transformer.dtype)
 
-    def _decode(self, latents, output_type):
-        if output_type == "latent":
-            return latents
-        if self.vae is None:  # pixel mode: the latents are the image in [−1, 1]
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Model-space latents -> images: through the VAE (`latent / scale + shift`), or as they
+        are in pixel mode (the latents are the image in [−1, 1])."""
+        if self.vae is None:
             image = latents.float().clamp(-1, 1)
         else:
             config = self.vae.config
-            latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
+            latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
             image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
         return self.output_processor.postprocess(image, output_type=output_type)
+
+    # ----------------------------------------------------------------------------------------
+    # Save / load / Hub
+    # ----------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """`DiffusionPipeline.save_pretrained` (safetensors), plus the code that loads it without
+        this package (this module at the top, the transformer's module in `transformer/`, both
+        named in `model_index.json`) and the model card, when the pipeline has one."""
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("call pipe.push_to_hub(repo_id): it uploads exactly what save_pretrained writes")
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        pipeline_file = Path(inspect.getsourcefile(type(self)))
+        transformer_file = Path(inspect.getsourcefile(type(self.transformer)))
+        shutil.copyfile(pipeline_file, folder / pipeline_file.name)
+        shutil.copyfile(transformer_file, folder / "transformer" / transformer_file.name)
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [pipeline_file.stem, type(self).__name__]
+        index["transformer"] = [transformer_file.stem, type(self.transformer).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for config_path in [index_path, *folder.glob("*/config.json"), *folder.glob("*/scheduler_config.json")]:
+            config = json.loads(config_path.read_text())
+            if config.pop("_name_or_path", None) is not None:  # where it was loaded from: a local path
+                config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if self.model_card is not None:
+            (folder / MODEL_CARD).write_text(self.model_card, encoding="utf-8")
+            for name, data in self.model_card_assets.items():
+                (folder / name).write_bytes(data)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a saved pipeline (a folder or a Hub repo id) with this package's own classes.
+
+        The folder names the modules it carries (for `trust_remote_code` loading elsewhere);
+        here diffusers reads a view of it whose `model_index.json` names the installed classes
+        instead, so none of the carried code runs. Every `DiffusionPipeline.from_pretrained`
+        argument works as usual.
+        """
+        try:  # a string import: diffusers' import check must not ask for this package where it's absent
+            installed = importlib.import_module("nano_dit")
+        except ImportError:  # the copy of this module that travels with a saved pipeline
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            hub = ("revision", "token", "cache_dir", "local_files_only", "force_download", "proxies")
+            folder = Path(
+                snapshot_download(str(pretrained_model_name_or_path), **{k: kwargs.pop(k) for k in hub if k in kwargs})
+            )
+        index = json.loads((folder / "model_index.json").read_text())
+        with tempfile.TemporaryDirectory() as view:
+            for entry in folder.iterdir():
+                if entry.is_dir():
+                    os.symlink(entry.resolve(), Path(view) / entry.name, target_is_directory=True)
+            index["_class_name"] = cls.__name__
+            if isinstance(index.get("transformer"), list):
+                class_name = index["transformer"][1]
+                index["transformer"] = [getattr(installed, class_name).__module__, class_name]
+            (Path(view) / "model_index.json").write_text(json.dumps(index))
+            pipe = super().from_pretrained(view, **kwargs)
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        card = folder / MODEL_CARD
+        if card.exists():
+            pipe.model_card = card.read_text(encoding="utf-8")
+            shown = re.findall(r"!\[[^\]]*\]\(([\w./-]+)\)", pipe.model_card)  # images the card links to
+            inside = [n for n in shown if ".." not in n.split("/") and not n.startswith("/")]
+            pipe.model_card_assets = {n: (folder / n).read_bytes() for n in inside if (folder / n).is_file()}
+        return pipe
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+    ):
+        """Upload exactly the folder `save_pretrained` writes (weights, carried code, model card).
+
+        The token comes from `token`, the `HF_TOKEN` environment variable or `hf auth login`; it
+        is never printed or logged."""
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return self._upload_folder(
+                folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
+            )
+
+
+def _as_image_list(image) -> list:
+    """A reference image argument as a list of images, or a ValueError naming what it was."""
+    if isinstance(image, torch.Tensor):
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4 or image.shape[1] != 3 or not image.is_floating_point():
+            raise ValueError(
+                f"image tensor must be float (B, 3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}"
+            )
+        return list(image)
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    bad = [type(im).__name__ for im in images if not isinstance(im, (PIL.Image.Image, np.ndarray, torch.Tensor))]
+    if not images or bad:
+        raise ValueError(f"image must be a PIL image, a list of them or a (B, 3, H, W) tensor, got {bad or image!r}")
+    return images
 
 
 def _per_image(t: torch.Tensor | None, n: int, device, dtype=None) -> torch.Tensor | None:

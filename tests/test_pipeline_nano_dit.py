@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_inputs, randomize_
+from conftest import TINY_CONFIG, make_inputs, randomize_
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
@@ -114,3 +114,174 @@ def test_prompt_and_image_batch_sizes_must_match(tiny_config):
     cond["image_embeds"] = cond["image_embeds"][:1]
     with pytest.raises(ValueError, match="prompt and image batch sizes differ"):
         _pipe(NanoDiTTransformer2DModel(**tiny_config))(**cond, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_the_sigma_schedule_is_linear_and_shifted_exactly_once(tiny_config, shift):
+    pipe = NanoDiTPipeline(
+        transformer=NanoDiTTransformer2DModel(**tiny_config), scheduler=FlowMatchEulerDiscreteScheduler(shift=shift)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe(**_conditions(tiny_config), num_inference_steps=5, output_type="latent")
+    linear = torch.linspace(1.0, 0.2, 5, dtype=torch.float64)
+    expected = shift * linear / (1 + (shift - 1) * linear)  # SD3's shift, applied once
+    torch.testing.assert_close(pipe.scheduler.sigmas[:-1].double(), expected, atol=1e-6, rtol=0)
+    assert pipe.scheduler.sigmas[-1] == 0
+    torch.testing.assert_close(pipe.scheduler.timesteps.double(), expected * 1000, atol=1e-3, rtol=0)
+
+
+def test_a_generator_makes_sampling_repeatable_and_a_new_seed_changes_it(tiny_model, tiny_config):
+    pipe, cond = _pipe(tiny_model), _conditions(tiny_config)
+
+    def run(seed):
+        return pipe(**cond, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="pt")
+
+    a, b, c = run(0).images, run(0).images, run(1).images
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_output_types(tiny_model, tiny_config):
+    pipe, cond = _pipe(tiny_model), _conditions(tiny_config)
+    out = {
+        t: pipe(**cond, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type=t).images
+        for t in ("pil", "np", "pt", "latent")
+    }
+    assert [im.size for im in out["pil"]] == [(8, 8), (8, 8)]  # pixel mode here: the 4 channels are "RGBA"
+    assert out["np"].shape == (2, 8, 8, 4) and 0 <= out["np"].min() and out["np"].max() <= 1
+    assert out["pt"].shape == (2, 4, 8, 8)
+    torch.testing.assert_close(out["pt"], ((out["latent"].clamp(-1, 1) + 1) / 2))
+    assert pipe(**cond, num_inference_steps=1, output_type="latent", return_dict=False)[0].shape == (2, 4, 8, 8)
+
+
+def test_num_images_per_prompt_gives_each_image_its_own_noise(tiny_model, tiny_config):
+    calls = []
+    tiny_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    images = _pipe(tiny_model)(
+        **_conditions(tiny_config), num_inference_steps=1, num_images_per_prompt=3, output_type="pt"
+    ).images
+    assert images.shape[0] == 6 and calls == [3 * 6]  # three branches of 6 images, one forward
+    assert not torch.allclose(images[0], images[1])
+
+
+def test_an_absent_image_drops_its_guidance_term_and_its_branches(tiny_model, tiny_config):
+    cond = _conditions(tiny_config)
+    del cond["image_embeds"]
+    batch_sizes = []
+    tiny_model.register_forward_hook(lambda m, args, out: batch_sizes.append(args[0].shape[0]))
+    _pipe(tiny_model)(**cond, num_inference_steps=1, output_type="latent")
+    assert batch_sizes == [4]  # ∅ and text-only, batch 2: no image-only branch
+
+
+def test_callback_on_step_end_sees_and_may_replace_the_latents(tiny_model, tiny_config):
+    seen = []
+
+    def callback(pipe, i, t, tensors):
+        seen.append((i, tensors["latents"].shape))
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    out = _pipe(tiny_model)(
+        **_conditions(tiny_config), num_inference_steps=3, callback_on_step_end=callback, output_type="latent"
+    )
+    assert seen == [(0, (2, 4, 8, 8)), (1, (2, 4, 8, 8)), (2, (2, 4, 8, 8))]
+    assert torch.equal(out.images, torch.zeros(2, 4, 8, 8))
+
+
+def test_load_with_torch_dtype(tiny_model, tmp_path):
+    _pipe(tiny_model).save_pretrained(tmp_path)
+    pipe = NanoDiTPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16
+    assert isinstance(pipe.transformer, NanoDiTTransformer2DModel)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"output_type": "jpeg"}, "output_type must be one of"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be a positive integer, got 0"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt must be a positive integer, got 0"),
+        ({"prompt": "a red circle"}, "pass either prompt or prompt_embeds"),
+        ({"callback_on_step_end_tensor_inputs": ["noise"]}, r"must be among \['latents'\], got \['noise'\]"),
+        ({"latents": torch.zeros(2, 4, 4, 4)}, r"latents must have shape \(2, 4, 8, 8\), got \(2, 4, 4, 4\)"),
+    ],
+)
+def test_more_bad_arguments_name_the_argument(tiny_config, kwargs, message):
+    pipe = _pipe(NanoDiTTransformer2DModel(**tiny_config))
+    with pytest.raises(ValueError, match=message):
+        pipe(**_conditions(tiny_config), **{"num_inference_steps": 1, **kwargs})
+
+
+# --------------------------------------------------------------------------------------------
+# With the stand-in encoders: prompts and reference images in, the same features as the cache
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def encoders(stand_in_dir):
+    from nano_dit.encoders import ConditioningEncoders, EncoderSpec
+
+    return ConditioningEncoders(EncoderSpec.stand_in(stand_in_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def encoder_pipe(encoders):
+    config = dict(TINY_CONFIG, in_channels=16, text_embed_dim=64, image_embed_dim=64, sample_size=4)
+    pipe = NanoDiTPipeline(
+        transformer=randomize_(NanoDiTTransformer2DModel(**config)).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=encoders.vae,
+        text_encoder=encoders.text_encoder,
+        tokenizer=encoders.tokenizer,
+        image_encoder=encoders.image_encoder,
+        image_processor=encoders.image_processor,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _images(n, size=32):
+    from PIL import Image
+
+    return [Image.new("RGB", (size, size), (40 * i, 200 - 30 * i, 90)) for i in range(n)]
+
+
+PROMPTS = ["a small red circle on the left, on a plain black background", "a large blue square at the top"]
+
+
+def test_prompts_and_images_encode_exactly_as_the_feature_cache_does(encoder_pipe, encoders):
+    embeds, mask = encoder_pipe.encode_prompt(PROMPTS)
+    cached_embeds, cached_mask = encoders.encode_text(PROMPTS)
+    assert torch.equal(embeds, cached_embeds) and torch.equal(mask, cached_mask)
+    global_embeds, tokens = encoder_pipe.encode_image(_images(2))
+    cached_global, cached_tokens = encoders.encode_images(_images(2))
+    assert torch.equal(global_embeds, cached_global) and torch.equal(tokens, cached_tokens)
+
+
+def test_a_prompt_and_a_reference_image_give_the_same_images_as_their_embeddings(encoder_pipe):
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    from_inputs = encoder_pipe(PROMPTS, _images(2), num_inference_steps=2, generator=seed(), output_type="np")
+    embeds, mask = encoder_pipe.encode_prompt(PROMPTS)
+    image_embeds, _ = encoder_pipe.encode_image(_images(2))
+    from_embeds = encoder_pipe(
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        image_embeds=image_embeds,
+        num_inference_steps=2,
+        generator=seed(),
+        output_type="np",
+    )
+    assert from_inputs.images.shape == (2, 32, 32, 3)  # through the VAE: 4×4 latents, ×8
+    assert (from_inputs.images == from_embeds.images).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"prompt": PROMPTS, "image": _images(3)}, r"got 2 prompt\(s\) and 3 image\(s\)"),
+        ({"prompt": PROMPTS[0], "image": "photo.png"}, "image must be a PIL image.*got \\['str'\\]"),
+        ({"prompt": PROMPTS[0], "image": torch.zeros(1, 1, 8, 8)}, r"image tensor must be float \(B, 3, H, W\)"),
+        ({"prompt": PROMPTS[0], "height": 36}, "height and width must be multiples of 16, got height=36"),
+        ({"prompt": [3]}, "prompt must be a string or a non-empty list of strings"),
+    ],
+)
+def test_bad_prompts_and_images_name_the_argument(encoder_pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        encoder_pipe(**kwargs, num_inference_steps=1)
