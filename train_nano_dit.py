@@ -19,7 +19,6 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -35,6 +34,8 @@ from nano_dit.checkpointing import (
 )
 from nano_dit.feature_cache import CachedBucket, load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
+from nano_dit.hub import build_pipeline, run_info, set_model_card
+from nano_dit.sheets import contact_sheet
 from nano_dit.training import (
     CachedBatches,
     JsonlLog,
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         project_dir=config.output_dir,
     )
     set_seed(config.seed, device_specific=True)
-    ckpt_dir = os.path.join(config.output_dir, "checkpoints")
+    ckpt_dir = config.checkpoints
     check_output_dir(config, ckpt_dir, remove=accelerator.is_main_process)
     accelerator.wait_for_everyone()
 
@@ -127,11 +128,22 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         ema.copy_to(final.parameters())  # the EMA weights are the ones we ship and sample
-        pipe = NanoDiTPipeline(transformer=final, scheduler=FlowMatchEulerDiscreteScheduler())
-        pipe.save_pretrained(os.path.join(ckpt_dir, "checkpoint_final"))
-        if config.pixel_mode:  # decoding latents needs the VAE in the pipeline (pipeline issue)
-            result = reconstruction_check(pipe, buckets[0], config)
-            accelerator.print(json.dumps(result, indent=2))
+        pipe = build_pipeline(final, config.encoder_spec()).to(accelerator.device)
+        result, grid = reconstruction_check(pipe, buckets[0], config)
+        accelerator.print(json.dumps(result, indent=2))
+        data = {
+            "shards": config.shards,
+            "samples": sum(len(b) for b in buckets),
+            "buckets": [b.bucket for b in buckets],
+        }
+        info = run_info(config, config.total_steps, cfg_dropout.scheme, data=data, results=result)
+        set_model_card(pipe, info, grid, repo_id=config.repo_id if config.push_to_hub else None)
+        final_dir = os.path.join(ckpt_dir, "checkpoint_final")
+        pipe.save_pretrained(final_dir)
+        accelerator.print(f"pipeline (EMA weights): {final_dir}")
+        if config.push_to_hub:
+            url = pipe.push_to_hub(config.repo_id)
+            accelerator.print(f"pushed to the Hub: {url}")
     accelerator.end_training()
     return result
 
@@ -271,25 +283,37 @@ def flush_records(pending: list, samples_per_step: int, seconds: float) -> list[
 
 
 @torch.no_grad()
-def reconstruction_check(pipe: NanoDiTPipeline, bucket: CachedBucket, config: TrainConfig, chunk: int = 50) -> dict:
-    """Regenerate every image of a bucket from its own cached conditioning; mean squared error in
-    [−1, 1] against the data, beside the data's variance (the error of the best constant guess)."""
+def reconstruction_check(pipe: NanoDiTPipeline, bucket: CachedBucket, config: TrainConfig, chunk: int = 50):
+    """Regenerate every sample of a bucket from its own cached conditioning.
+
+    Returns the mean squared error in model space (pixels in [−1, 1], or latents) beside the data's
+    variance (the error of the best constant guess), and a sheet of the first four samples:
+    ground truth | generated.
+    """
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(config.seed)
-    errors = []
+    generator = torch.Generator(pipe.device).manual_seed(config.seed)
+    outputs = []
     for i in range(0, len(bucket), chunk):
-        images = pipe(
-            prompt_embeds=bucket.text_embeds[i : i + chunk],
-            prompt_attention_mask=bucket.text_mask[i : i + chunk],
-            image_embeds=bucket.image_embeds[i : i + chunk],
-            num_inference_steps=25,
-            height=bucket.bucket[1],
-            width=bucket.bucket[0],
-            generator=generator,
-            output_type="pt",
-        ).images  # (n, 3, H, W) in [0, 1]
-        errors.append((images.cpu() * 2 - 1 - bucket.latents[i : i + chunk]).pow(2).flatten(1).mean(1))
-    return {"reconstruction_mse": torch.cat(errors).mean().item(), "data_variance": bucket.latents.var().item()}
+        outputs.append(
+            pipe(
+                prompt_embeds=bucket.text_embeds[i : i + chunk],
+                prompt_attention_mask=bucket.text_mask[i : i + chunk],
+                image_embeds=bucket.image_embeds[i : i + chunk],
+                num_inference_steps=25,
+                height=bucket.latents.shape[-2] * pipe.vae_scale_factor,
+                width=bucket.latents.shape[-1] * pipe.vae_scale_factor,
+                generator=generator,
+                output_type="latent",
+            ).images.cpu()
+        )
+    generated = torch.cat(outputs)  # (N, C, h, w)
+    error = (generated - bucket.latents).pow(2).flatten(1).mean(1).mean().item()
+    result = {"reconstruction_mse": error, "data_variance": bucket.latents.var().item()}
+    n = min(4, len(bucket))
+    pairs = torch.stack([bucket.latents[:n], generated[:n]], 1).flatten(0, 1)  # gt, generated, gt, ...
+    images = pipe.decode_latents(pairs.to(pipe.device, pipe.transformer.dtype), output_type="pil")
+    captions = [text for caption in bucket.captions[:n] for text in (caption, "generated")]
+    return result, contact_sheet(images, captions, columns=4, cell=160)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ nano-dit data prepare my_images/ --out data/shards/mine --resolution 512
 nano-dit encoders make-tiny --out data/encoders/tiny
 nano-dit data encode --shards data/shards/100 --cache data/cache/100 --stand-in data/encoders/tiny
 nano-dit model-info --preset nano
+nano-dit export runs/nano/checkpoints/checkpoint_final --out exported/ [--push-to-hub user/nano-dit]
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ def _model_info(args: argparse.Namespace) -> None:
     print(json.dumps({"preset": args.preset, "parameters": model.num_parameters(), **model.config}, indent=2))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from nano_dit.hub import export
+
+    export(args.checkpoint, args.out, repo_id=args.push_to_hub, private=args.private)
+    if args.out:
+        print(f"wrote the pipeline of {args.checkpoint} to {args.out}")
+    if args.push_to_hub:
+        print(f"pushed the pipeline of {args.checkpoint} to https://huggingface.co/{args.push_to_hub}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nano_dit.encoders import EncoderSpec
     from nano_dit.training import PRESETS
@@ -150,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("model-info", help="print a preset's model config and parameter count")
     info.add_argument("--preset", choices=sorted(PRESETS), default="nano", help="which preset (default: nano)")
     info.set_defaults(func=_model_info)
+
+    exp = sub.add_parser(
+        "export",
+        help="a pipeline folder from a checkpoint (EMA weights, encoders, model card), written or pushed to the Hub",
+    )
+    exp.add_argument("checkpoint", help="checkpoint_stepNNNNNNN (training state) or checkpoint_final (a pipeline)")
+    exp.add_argument("--out", default=None, help="folder to write")
+    exp.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO_ID",
+        help="Hub repo to upload to (token: HF_TOKEN or `hf auth login`)",
+    )
+    exp.add_argument("--private", action="store_true", default=None, help="create the Hub repo as private")
+    exp.set_defaults(func=_export)
     return parser
 
 

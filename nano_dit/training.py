@@ -79,7 +79,8 @@ class TrainConfig:
     vae: str = _ENCODERS.vae  # Flux VAE Hub id or folder (subfolder "vae")
     pixel_mode: bool = False  # no VAE: the model works on pixels in [-1, 1]
     # -- run
-    resume: str | None = None  # a checkpoint folder, or "latest" (the newest in <output_dir>/checkpoints)
+    resume: str | None = None  # a checkpoint folder, or "latest" (the newest in the checkpoint folder)
+    checkpoint_dir: str | None = None  # where checkpoints and the training log go (default: <output_dir>/checkpoints)
     checkpoint_every: int = 1000  # steps between accelerator.save_state checkpoints
     checkpoints_total_limit: int | None = None  # keep only the newest N checkpoints (default: all)
     overwrite_output_dir: bool = False  # start afresh in an output folder that holds a run
@@ -105,6 +106,8 @@ class TrainConfig:
     report_to: str = "none"  # experiment tracker: "tensorboard", "wandb" or "none"
     seed: int = 0  # seeds weights, data order, noise and CFG dropout
     log_every: int = 50  # steps between log records and progress-bar updates
+    push_to_hub: bool = False  # upload checkpoint_final to the Hub at the end (token: HF_TOKEN or `hf auth login`)
+    hub_model_id: str | None = None  # the Hub repo for --push-to-hub (default: the output folder's name)
     model: dict = field(default_factory=dict)  # NanoDiTTransformer2DModel config (preset + data widths)
 
     def validate(self) -> None:
@@ -136,6 +139,20 @@ class TrainConfig:
             self.cfg_dropout()
         except ValueError as err:
             raise ValueError(f"--p-both / --p-none / --p-text-only / --p-image-only: {err}") from None
+        if self.push_to_hub:
+            from huggingface_hub import get_token
+
+            if get_token() is None:  # found before training, not after it
+                raise ValueError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+
+    @property
+    def checkpoints(self) -> str:
+        """The checkpoint folder: --checkpoint-dir, else <output_dir>/checkpoints."""
+        return self.checkpoint_dir or str(Path(self.output_dir) / "checkpoints")
+
+    @property
+    def repo_id(self) -> str:
+        return self.hub_model_id or Path(self.output_dir).resolve().name
 
     def cfg_dropout(self, rank: int = 0) -> CFGDropout:
         """This run's CFG-dropout sampler (one stream per process)."""

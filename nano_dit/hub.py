@@ -1,0 +1,211 @@
+"""From a training run to a shareable pipeline: build it, describe it, export it, push it.
+
+    nano-dit export runs/nano/checkpoints/checkpoint_step0005000 --out exported/
+    nano-dit export runs/nano/checkpoints/checkpoint_final --push-to-hub user/nano-dit
+
+One folder format everywhere: `NanoDiTPipeline.save_pretrained` writes it (weights in
+safetensors, the pipeline and transformer modules for `trust_remote_code`, the model card), and
+`export`, `push_to_hub` here, `pipe.push_to_hub` and the trainer's `--push-to-hub` all write or
+upload exactly that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils.hub_utils import populate_model_card
+from huggingface_hub import ModelCard, ModelCardData
+from PIL import Image
+
+from . import __version__
+from .checkpointing import STATE_FILE, read_state
+from .encoders import ConditioningEncoders, EncoderSpec, describe
+from .pipelines import NanoDiTPipeline
+from .transformer_nano_dit import NanoDiTTransformer2DModel
+
+EMA_FILE = "custom_checkpoint_0.pkl"  # Accelerate's file for the first registered object: the EMA
+SAMPLE_GRID = "samples.png"
+
+
+def build_pipeline(transformer: NanoDiTTransformer2DModel, spec: EncoderSpec) -> NanoDiTPipeline:
+    """`transformer` with the encoders it was trained with (fp32, on the CPU): the pipeline we ship."""
+    encoders = ConditioningEncoders(spec, device="cpu")
+    return NanoDiTPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=encoders.vae,
+        text_encoder=encoders.text_encoder,
+        tokenizer=encoders.tokenizer,
+        image_encoder=encoders.image_encoder,
+        image_processor=encoders.image_processor,
+    )
+
+
+def load_pipeline(checkpoint: str | Path) -> NanoDiTPipeline:
+    """A pipeline folder (`model_index.json`), or a training checkpoint (`training_state.json`)
+    made into one: its EMA weights and the encoders its config names."""
+    from .training import TrainConfig
+
+    path = Path(checkpoint)
+    if (path / "model_index.json").exists():
+        return NanoDiTPipeline.from_pretrained(path)
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(
+            f"{path} is neither a pipeline folder (no model_index.json) nor a training checkpoint (no {STATE_FILE})"
+        )
+    state = read_state(path)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+    transformer = NanoDiTTransformer2DModel(**config.model)
+    ema = torch.load(path / EMA_FILE, weights_only=True)
+    with torch.no_grad():
+        for param, shadow in zip(transformer.parameters(), ema["shadow_params"], strict=True):
+            param.copy_(shadow)
+    pipe = build_pipeline(transformer, config.encoder_spec())
+    set_model_card(pipe, run_info(config, step=state["step"], cfg_dropout_scheme=state["cfg_dropout_scheme"]))
+    return pipe
+
+
+def run_info(config, step: int, cfg_dropout_scheme: str, data: dict | None = None, results: dict | None = None):
+    """What the model card tells about a run (and keeps, in its metadata, for the next export)."""
+    return {
+        "version": __version__,
+        "step": step,
+        "cfg_dropout_scheme": cfg_dropout_scheme,
+        "encoders": describe(config.encoder_spec()),
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "model"},
+        "model": config.model,
+        "data": data or {"shards": config.shards},
+        "results": results or {},
+    }
+
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# Nano DiT — `{{ info.config.preset }}` preset, step {{ info.step }}
+
+{% if info.encoders.stand_in -%}
+> **Stand-in encoders.** This model was trained on features from tiny, randomly initialised
+> T5 / DINOv3{% if info.encoders.vae %} / VAE{% endif %} stand-ins (the offline demo), not the real
+> encoders: its figures show that the training and validation machinery works, and say nothing
+> about how well real text or image conditioning is learned.
+
+{% endif -%}
+A {{ "%.1f" | format(params / 1e6) }}M-parameter diffusion transformer (`NanoDiTTransformer2DModel`) trained
+with rectified flow, conditioned at once on T5 text embeddings (cross-attention) and a DINOv3 image
+embedding (adaLN), with mutually exclusive classifier-free-guidance dropout
+(`{{ info.cfg_dropout_scheme }}`). Made with nano-dit {{ info.version }}.
+
+## How to use
+
+```python
+from nano_dit import NanoDiTPipeline  # pip install nano-dit
+
+pipe = NanoDiTPipeline.from_pretrained("{{ repo_id }}")
+image = pipe("a caption", image=reference_image, text_guidance_scale=3.0, image_guidance_scale=2.0).images[0]
+```
+
+Without nano-dit installed, diffusers runs the pipeline and transformer code this repository carries:
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{{ repo_id }}", trust_remote_code=True)
+```
+
+## Training
+
+| setting | value |
+| --- | --- |
+| data | {{ info.data | tojson }} |
+| text encoder | `{{ info.encoders.text_encoder }}` |
+| image encoder | `{{ info.encoders.image_encoder }}` |
+| latents | {% if info.encoders.vae %}`{{ info.encoders.vae }}` (subfolder `{{ info.encoders.vae_subfolder }}`){% else %}pixels in [−1, 1] (no VAE){% endif %} |
+| model | {% for k, v in info.model.items() %}{{ k }}={{ v }}{% if not loop.last %}, {% endif %}{% endfor %} |
+{% for k in ["total_steps", "batch_size", "gradient_accumulation_steps", "peak_lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "ema_decay", "mixed_precision", "seed"] -%}
+| {{ k }} | {{ info.config[k] }} |
+{% endfor %}
+The weights are the EMA weights.
+
+## Validation
+
+{% if info.results -%}
+| figure | value |
+| --- | --- |
+{% for k, v in info.results.items() -%}
+| {{ k }} | {{ "%.4g" | format(v) if v is number else v }} |
+{% endfor %}
+{%- else -%}
+Not validated yet.
+{%- endif %}
+{% if sample_grid %}
+![Samples: ground truth | generated]({{ sample_grid }})
+{% endif %}
+"""
+
+
+def set_model_card(
+    pipe: NanoDiTPipeline, info: dict, sample_grid: Image.Image | None = None, repo_id: str | None = None
+) -> None:
+    """Write the pipeline's model card (`pipe.model_card`, saved as README.md) from `run_info`."""
+    info = json.loads(json.dumps(info))  # plain lists and dicts: the card's YAML reads back as written
+    card_data = ModelCardData(
+        library_name="diffusers",
+        license="apache-2.0",
+        pipeline_tag="text-to-image",
+        inference=False,
+        nano_dit=info,  # kept in the metadata: a later export rewrites the card from it
+    )
+    assets = {}
+    if sample_grid is not None:
+        buffer = io.BytesIO()
+        sample_grid.save(buffer, format="PNG")
+        assets[SAMPLE_GRID] = buffer.getvalue()
+    card = ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        info=info,
+        params=pipe.transformer.num_parameters(),
+        repo_id=repo_id or "<this folder or repo id>",
+        sample_grid=SAMPLE_GRID if assets else None,
+    )
+    tags = ["nano-dit", "diffusion-transformer", "rectified-flow", "text-to-image"]
+    card = populate_model_card(card, tags=tags + (["stand-in-encoders"] if info["encoders"]["stand_in"] else []))
+    pipe.model_card = str(card)
+    pipe.model_card_assets = assets
+
+
+def card_info(pipe: NanoDiTPipeline) -> dict | None:
+    """The run information a pipeline's model card keeps in its metadata."""
+    if pipe.model_card is None:
+        return None
+    return ModelCard(pipe.model_card).data.to_dict().get("nano_dit")
+
+
+def export(
+    checkpoint: str | Path, out: str | Path | None = None, repo_id: str | None = None, private=None
+) -> Path | None:
+    """Write the pipeline of `checkpoint` to `out` and/or upload it to the Hub repo `repo_id`."""
+    if out is None and repo_id is None:
+        raise ValueError("export needs --out DIR, --push-to-hub REPO_ID, or both")
+    pipe = load_pipeline(checkpoint)
+    info = card_info(pipe)
+    if info is not None:  # the card's usage snippet names the repo it is read from
+        grid = (
+            Image.open(io.BytesIO(pipe.model_card_assets[SAMPLE_GRID]))
+            if SAMPLE_GRID in pipe.model_card_assets
+            else None
+        )
+        set_model_card(pipe, info, grid, repo_id=repo_id)
+    if out is not None:
+        pipe.save_pretrained(out)
+    if repo_id is not None:
+        pipe.push_to_hub(repo_id, private=private)
+    return Path(out) if out is not None else None
