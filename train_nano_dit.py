@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.print(f"resumed from {path} at step {start_step}")
     if accelerator.is_main_process:
         os.makedirs(ckpt_dir, exist_ok=True)
+        os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump(vars(config), f, indent=2)
     accelerator.init_trackers("nano-dit", config={k: v for k, v in vars(config).items() if k != "model"})

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,18 @@ def test_old_checkpoints_past_the_limit_are_removed(tmp_path, stand_in_dir):
     ]
 
 
+def test_checkpoint_dir_puts_checkpoints_and_the_log_elsewhere(tmp_path, stand_in_dir):
+    elsewhere = tmp_path / "elsewhere"
+    args = _args(tmp_path, stand_in_dir, "run", "--total-steps", "4", "--checkpoint-dir", str(elsewhere))
+    train_nano_dit.main(args)
+    assert [p.name for p in list_checkpoints(elsewhere)] == ["checkpoint_step0000004"]
+    assert (elsewhere / "training_log.jsonl").exists() and (elsewhere / "checkpoint_final").is_dir()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    more = ["--total-steps", "8", "--checkpoint-dir", str(elsewhere), "--resume", "latest"]  # "latest" looks there
+    train_nano_dit.main([*args[:-4], *more])
+    assert [p.name for p in list_checkpoints(elsewhere)][-1] == "checkpoint_step0000008"
+
+
 def test_resuming_with_another_cfg_dropout_scheme_is_refused(tmp_path, stand_in_dir):
     train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4"))
     other = ("--p-both", "0.4", "--p-none", "0.2", "--p-text-only", "0.2", "--p-image-only", "0.2")
@@ -178,14 +191,11 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_install(tmp_path, stand_in_
         train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--use-8bit-adam"))
 
 
-@pytest.mark.slow
-def test_two_processes_train_with_ddp_and_only_the_main_one_writes(tmp_path, stand_in_dir):
+def _launch_two_processes(args):
     script = Path(__file__).parents[1] / "train_nano_dit.py"
     # DDP on CPU: Accelerate's multi-process launcher, with ACCELERATE_USE_CPU for the gloo backend.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
-    # A checkpoint every step: each one first checks that both ranks hold the same weights.
-    args = _args(tmp_path, stand_in_dir, "run", "--total-steps", "4", "--checkpoint-every", "1")
     result = subprocess.run(
         [*launch, *args],
         capture_output=True,
@@ -194,6 +204,14 @@ def test_two_processes_train_with_ddp_and_only_the_main_one_writes(tmp_path, sta
         env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_ddp_and_only_the_main_one_writes(tmp_path, stand_in_dir):
+    # A checkpoint every step: each one first checks that both ranks hold the same weights.
+    args = _args(tmp_path, stand_in_dir, "run", "--total-steps", "4", "--checkpoint-every", "1")
+    result = _launch_two_processes(args)
     ckpts = tmp_path / "run" / "checkpoints"
     assert len(list_checkpoints(ckpts)) == 4
     last = ckpts / "checkpoint_step0000004"
@@ -205,6 +223,20 @@ def test_two_processes_train_with_ddp_and_only_the_main_one_writes(tmp_path, sta
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]  # written once, by the main process
     assert json.loads(log[-1])["lr"] == pytest.approx(1e-6)  # the schedule spans the run whatever the processes
     assert "NanoDiT:" in result.stdout and result.stdout.count("NanoDiT:") == 1  # printed by the main process
+
+    # Killed right after the step-2 save (what such a kill leaves: checkpoint 2, a log that ran on),
+    # then resumed by two processes: the very run that never stopped.
+    shutil.copytree(tmp_path / "run", tmp_path / "stopped")
+    for later in ("checkpoint_step0000003", "checkpoint_step0000004", "checkpoint_final"):
+        shutil.rmtree(tmp_path / "stopped" / "checkpoints" / later)
+    stopped = _args(tmp_path, stand_in_dir, "stopped", "--total-steps", "4", "--checkpoint-every", "1")
+    _launch_two_processes([*stopped, "--resume", "latest"])
+    straight, resumed = _state(tmp_path / "run", 4), _state(tmp_path / "stopped", 4)
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+    log = (tmp_path / "stopped" / "checkpoints" / "training_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
 
 
 def test_gradient_accumulation_draws_that_many_micro_batches_per_step(tmp_path, stand_in_dir):
