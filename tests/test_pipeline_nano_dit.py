@@ -222,17 +222,12 @@ def encoders(stand_in_dir):
 
 
 @pytest.fixture(scope="module")
-def encoder_pipe(encoders):
+def encoder_pipe(stand_in_dir):
+    from nano_dit.encoders import EncoderSpec
+    from nano_dit.hub import build_pipeline
+
     config = dict(TINY_CONFIG, in_channels=16, text_embed_dim=64, image_embed_dim=64, sample_size=4)
-    pipe = NanoDiTPipeline(
-        transformer=randomize_(NanoDiTTransformer2DModel(**config)).eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=encoders.vae,
-        text_encoder=encoders.text_encoder,
-        tokenizer=encoders.tokenizer,
-        image_encoder=encoders.image_encoder,
-        image_processor=encoders.image_processor,
-    )
+    pipe = build_pipeline(randomize_(NanoDiTTransformer2DModel(**config)).eval(), EncoderSpec.stand_in(stand_in_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
