@@ -15,15 +15,17 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from nano_dit import FlowMatching, NanoDiTPipeline, NanoDiTTransformer2DModel
+from nano_dit import FlowMatching, NanoDiTTransformer2DModel
 from nano_dit.checkpointing import (
     check_replicas_agree,
     check_resumable,
@@ -32,19 +34,21 @@ from nano_dit.checkpointing import (
     resolve_resume,
     save_checkpoint,
 )
-from nano_dit.feature_cache import CachedBucket, load_cache
+from nano_dit.feature_cache import load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
 from nano_dit.hub import build_pipeline, run_info, set_model_card
-from nano_dit.sheets import contact_sheet
+from nano_dit.report import write_report
 from nano_dit.training import (
     CachedBatches,
     JsonlLog,
     TrainConfig,
     conditioning,
+    inject_fault,
     model_config_for,
     parse_config,
     prepare_feature_cache,
 )
+from nano_dit.validation import ImageMetrics, run_validation
 
 SIGMA_BINS = 4  # the tracker gets the loss per quarter of the noise range
 
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------- model
     model = NanoDiTTransformer2DModel(**config.model)
+    inject_fault(model, config.fault)  # only for validation-power experiments (--fault)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, foreach=True)
@@ -118,27 +123,29 @@ def main(argv: list[str] | None = None) -> dict:
     log_path = os.path.join(ckpt_dir, "training_log.jsonl")
     run = dict(accelerator=accelerator, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
     run["params"] = list(model.parameters())  # walked once, not at every clip and EMA update
+    run["validator"] = Validator(config, buckets, cfg_dropout.scheme, bool(stand_in), accelerator, ema, log_path)
     with JsonlLog(
         log_path, enabled=accelerator.is_main_process, resume_step=start_step if config.resume else None
     ) as log:
         train_loop(config, run, cfg_dropout, batches, log, start_step, ckpt_dir)
 
-    # ---------------------------------------------------------------- save + check
+    # ---------------------------------------------------------------- save
     accelerator.wait_for_everyone()
     result = {}
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        ema.copy_to(final.parameters())  # the EMA weights are the ones we ship and sample
-        pipe = build_pipeline(final, config.encoder_spec()).to(accelerator.device)
-        result, grid = reconstruction_check(pipe, buckets[0], config)
-        accelerator.print(json.dumps(result, indent=2))
+        validator = run["validator"]
+        if validator.pipe is None:  # no validation ran: build the shipped pipeline now
+            final = accelerator.unwrap_model(model)
+            ema.copy_to(final.parameters())  # the EMA weights are the ones we ship and sample
+            validator.pipe = build_pipeline(final, config.encoder_spec())
+        pipe, result = validator.pipe, validator.last
         data = {
             "shards": config.shards,
             "samples": sum(len(b) for b in buckets),
             "buckets": [b.bucket for b in buckets],
         }
-        info = run_info(config, config.total_steps, cfg_dropout.scheme, data=data, results=result)
-        set_model_card(pipe, info, grid, repo_id=config.repo_id if config.push_to_hub else None)
+        info = run_info(config, config.total_steps, cfg_dropout.scheme, data=data, results=card_figures(result))
+        set_model_card(pipe, info, validator.sheet(), repo_id=config.repo_id if config.push_to_hub else None)
         final_dir = os.path.join(ckpt_dir, "checkpoint_final")
         pipe.save_pretrained(final_dir)
         accelerator.print(f"pipeline (EMA weights): {final_dir}")
@@ -202,6 +209,10 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
         if not applied:
             accelerator.print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
             if bad_in_a_row >= config.max_bad_steps:
+                pending.append((step, loss, grad_norm, run["lr_scheduler"].get_last_lr()[0], 0.0, True))
+                for record in flush_records(pending, config.batch_size, time.perf_counter() - start):
+                    log.write(record)  # the log keeps every step up to the stop, for the report
+                run["validator"].report_stopped()
                 raise RuntimeError(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (the last at step {step}): "
                     f"stopping. Lower --peak-lr or check the data; resume from the last checkpoint in {ckpt_dir}"
@@ -210,7 +221,8 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
         lr, decay = run["lr_scheduler"].get_last_lr()[0], run["ema"].cur_decay_value
         pending.append((step, loss, grad_norm, lr, decay, not applied))
         bin_sums, bin_counts = bin_sums + bins[0], bin_counts + bins[1]
-        if step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.total_steps:
+        validating = config.validation and (step % config.validation_every == 0 or step == config.total_steps)
+        if step % config.log_every == 0 or step % config.checkpoint_every == 0 or validating:
             seconds = time.perf_counter() - start
             records = flush_records(pending, config.batch_size * accelerator.num_processes, seconds)
             for record in records:
@@ -229,6 +241,8 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
             state = {"config": vars(config), "cfg_dropout_scheme": cfg_dropout.scheme}
             samplers = {"cfg_dropout": cfg_dropout.state_dict(), "batches": batches.state_dict()}
             save_checkpoint(accelerator, ckpt_dir, step, state, config.checkpoints_total_limit, samplers)
+        if validating:
+            run["validator"](step)
 
 
 def optimizer_step(config: TrainConfig, run: dict, objective, batches, cfg_dropout):
@@ -283,38 +297,79 @@ def flush_records(pending: list, samples_per_step: int, seconds: float) -> list[
     ]
 
 
-@torch.no_grad()
-def reconstruction_check(pipe: NanoDiTPipeline, bucket: CachedBucket, config: TrainConfig, chunk: int = 50):
-    """Regenerate every sample of a bucket from its own cached conditioning.
+class Validator:
+    """The seed's three tests on the EMA weights (main process; the others wait), then RESULTS.md.
 
-    Returns the mean squared error in model space (pixels in [−1, 1], or latents) beside the data's
-    variance (the error of the best constant guess), and a sheet of the first four samples:
-    ground truth | generated.
+    The validation pipeline (its own transformer, the encoders the run used, LPIPS) is built at the
+    first validation and kept; at the end it holds the final EMA weights and is what ships.
     """
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(pipe.device).manual_seed(config.seed)
-    outputs = []
-    for i in range(0, len(bucket), chunk):
-        outputs.append(
-            pipe(
-                prompt_embeds=bucket.text_embeds[i : i + chunk],
-                prompt_attention_mask=bucket.text_mask[i : i + chunk],
-                image_embeds=bucket.image_embeds[i : i + chunk],
-                num_inference_steps=25,
-                height=bucket.latents.shape[-2] * pipe.vae_scale_factor,
-                width=bucket.latents.shape[-1] * pipe.vae_scale_factor,
-                generator=generator,
-                output_type="latent",
-            ).images.cpu()
+
+    def __init__(self, config: TrainConfig, buckets, scheme: str, stand_in: bool, accelerator, ema, log_path):
+        self.config, self.buckets, self.scheme, self.stand_in = config, buckets, scheme, stand_in
+        self.accelerator, self.ema, self.log_path = accelerator, ema, log_path
+        self.pipe, self.metrics, self.last, self.folder = None, None, {}, None
+
+    def __call__(self, step: int) -> None:
+        accelerator, config = self.accelerator, self.config
+        if accelerator.is_main_process:
+            if self.pipe is None:
+                model = NanoDiTTransformer2DModel(**config.model)
+                inject_fault(model, config.fault)
+                self.pipe = build_pipeline(model, config.encoder_spec()).to(accelerator.device)
+                self.metrics = ImageMetrics(accelerator.device, config.lpips_backbone)
+            self.ema.copy_to(self.pipe.transformer.parameters())
+            self.folder = Path(config.output_dir) / "validation" / f"step{step:07d}"
+            info = {"checkpoint": f"EMA weights at step {step}", "cfg_dropout_scheme": self.scheme}
+            results = run_validation(self.pipe, self.buckets, self.folder, self.metrics, config.sampling(), step, info)
+            summary = self.report()
+            self.last = {**results, **summary}
+            accelerator.log(card_figures(self.last), step=step)
+            reasons = "; ".join(summary["reasons"][:3])
+            accelerator.print(
+                f"validation at step {step}: {summary['verdict']}{' — ' + reasons if reasons else ''} "
+                f"(see {Path(config.output_dir) / 'RESULTS.md'})"
+            )
+        accelerator.wait_for_everyone()
+
+    def report(self, stopped: bool = False) -> dict:
+        config = self.config
+        return write_report(
+            config.output_dir,
+            config.thresholds(),
+            config.warmup_steps,
+            scheme=self.scheme,
+            log_path=self.log_path,
+            stand_in=self.stand_in,
+            stopped=stopped,
         )
-    generated = torch.cat(outputs)  # (N, C, h, w)
-    error = (generated - bucket.latents).pow(2).flatten(1).mean(1).mean().item()
-    result = {"reconstruction_mse": error, "data_variance": bucket.latents.var().item()}
-    n = min(4, len(bucket))
-    pairs = torch.stack([bucket.latents[:n], generated[:n]], 1).flatten(0, 1)  # gt, generated, gt, ...
-    images = pipe.decode_latents(pairs.to(pipe.device, pipe.transformer.dtype), output_type="pil")
-    captions = [text for caption in bucket.captions[:n] for text in (caption, "generated")]
-    return result, contact_sheet(images, captions, columns=4, cell=160)
+
+    def report_stopped(self) -> None:
+        """A run that stops itself still gets its RESULTS.md, from the training log."""
+        if self.accelerator.is_main_process:
+            self.report(stopped=True)
+
+    def sheet(self):
+        """The newest reconstruction sheet, for the model card."""
+        path = self.folder / "reconstruction" / "sheet.png" if self.folder else None
+        return Image.open(path) if path and path.exists() else None
+
+
+def card_figures(results: dict) -> dict:
+    """The headline figures of a validation (for the model card and the tracker)."""
+    if not results:
+        return {}
+    recon, swap, manip = results["reconstruction"], results["dino_swap"], results["text_manip"]
+    figures = {
+        "verdict": results.get("verdict"),
+        "reconstruction_lpips": recon["mean_lpips"],
+        "reconstruction_psnr": recon["mean_psnr"],
+        "reconstruction_ssim": recon["mean_ssim"],
+        "dino_swap_closer_to_b": swap.get("share_closer_to_b"),
+        "dino_swap_sensitivity": swap.get("mean_sensitivity"),
+        "text_sensitivity": manip.get("mean_sensitivity"),
+        "text_edits_followed": manip.get("share_followed"),
+    }
+    return {k: v for k, v in figures.items() if v is not None}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ nano-dit encoders make-tiny --out data/encoders/tiny
 nano-dit data encode --shards data/shards/100 --cache data/cache/100 --stand-in data/encoders/tiny
 nano-dit model-info --preset nano
 nano-dit export runs/nano/checkpoints/checkpoint_final --out exported/ [--push-to-hub user/nano-dit]
+nano-dit validate --checkpoint runs/nano/checkpoints/checkpoint_step0005000
 """
 
 from __future__ import annotations
@@ -98,6 +99,31 @@ def _export(args: argparse.Namespace) -> None:
         print(f"pushed the pipeline of {args.checkpoint} to https://huggingface.co/{args.push_to_hub}")
 
 
+def _validate(args: argparse.Namespace) -> None:
+    from nano_dit.validation import validate_checkpoint
+
+    summary = validate_checkpoint(
+        args.checkpoint,
+        cache=args.cache,
+        output_dir=args.output_dir,
+        device=args.device,
+        lpips_backbone=args.lpips_backbone,
+        overrides={
+            k: v
+            for k, v in {
+                "validation_steps": args.steps,
+                "text_guidance_scale": args.text_guidance_scale,
+                "image_guidance_scale": args.image_guidance_scale,
+                "guidance_mode": args.guidance_mode,
+            }.items()
+            if v is not None
+        },
+    )
+    print(f"{summary['verdict']}: {summary['report']}")
+    for reason in summary["reasons"]:
+        print(f"  {reason}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nano_dit.encoders import EncoderSpec
     from nano_dit.training import PRESETS
@@ -176,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--private", action="store_true", default=None, help="create the Hub repo as private")
     exp.set_defaults(func=_export)
+
+    val = sub.add_parser("validate", help="the seed's three tests on a checkpoint, and the go / no-go report")
+    val.add_argument(
+        "--checkpoint", required=True, help="checkpoint_stepNNNNNNN or a pipeline folder (checkpoint_final)"
+    )
+    val.add_argument("--cache", default=None, help="feature cache (default: the one the run trained on)")
+    val.add_argument(
+        "--output-dir", default=None, help="run folder for validation/ and RESULTS.md (default: the checkpoint's run)"
+    )
+    val.add_argument("--steps", type=int, default=None, help="Euler steps (default: the run's, 50)")
+    val.add_argument("--text-guidance-scale", type=float, default=None, help="default: the run's (3.0)")
+    val.add_argument("--image-guidance-scale", type=float, default=None, help="default: the run's (2.0)")
+    val.add_argument("--guidance-mode", choices=("independent", "nested"), default=None, help="default: the run's")
+    val.add_argument(
+        "--lpips-backbone", choices=("pretrained", "random", "none"), default="pretrained", help="default: pretrained"
+    )
+    val.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    val.set_defaults(func=_validate)
     return parser
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .cfg_dropout import CFGDropout
+from .cfg_dropout import CFGDropout, IndependentDropout
 from .encoders import STAND_IN_MARKER, EncoderSpec, make_stand_in_encoders
 from .feature_cache import CachedBucket, EncodeReport, encode_dataset
 from .shards import write_shards
@@ -43,8 +43,9 @@ PRESETS: dict[str, dict] = {
     "demo": {
         "model": {"num_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "patch_size": 4},
         "train": {
-            "total_steps": 1000,
-            "batch_size": 16,
+            "total_steps": 1500,
+            "batch_size": 32,
+            "peak_lr": 1e-3,
             "warmup_steps": 50,
             "resolution": 32,
             "shards": "data/shards/demo",
@@ -52,9 +53,13 @@ PRESETS: dict[str, dict] = {
             "stand_in_encoders": "data/encoders/tiny",
             "pixel_mode": True,
             "synth_if_missing": True,
-            "checkpoint_every": 500,
+            "checkpoint_every": 750,
+            "validation_every": 750,
             "output_dir": "runs/demo",
         },
+        # LPIPS needs AlexNet weights this offline machine cannot fetch: PSNR decides. The numbers
+        # are set by the fault table (README): the good run passes, each broken run fails something.
+        "thresholds": {"psnr_success": 19.0, "psnr_failure": 15.0},
     },
 }
 
@@ -106,6 +111,15 @@ class TrainConfig:
     report_to: str = "none"  # experiment tracker: "tensorboard", "wandb" or "none"
     seed: int = 0  # seeds weights, data order, noise and CFG dropout
     log_every: int = 50  # steps between log records and progress-bar updates
+    # -- validation: the seed's three tests on the EMA weights, then RESULTS.md (nano_dit.validation)
+    validation: bool = True  # --no-validation skips the tests (and loading the encoders they need)
+    validation_every: int = 1000  # steps between validations; the last step is always validated
+    validation_steps: int = 50  # Euler steps per validation sample
+    text_guidance_scale: float = 3.0  # dual CFG text scale for validation
+    image_guidance_scale: float = 2.0  # dual CFG image scale for validation
+    guidance_mode: str = "independent"  # "independent" (the seed's) or "nested"
+    lpips_backbone: str = "pretrained"  # "pretrained" AlexNet (downloaded once), "random" (tests) or "none"
+    fault: str | None = None  # validation-power experiments only: text-ignored, dino-ignored, bernoulli-cfg
     push_to_hub: bool = False  # upload checkpoint_final to the Hub at the end (token: HF_TOKEN or `hf auth login`)
     hub_model_id: str | None = None  # the Hub repo for --push-to-hub (default: the output folder's name)
     model: dict = field(default_factory=dict)  # NanoDiTTransformer2DModel config (preset + data widths)
@@ -139,6 +153,18 @@ class TrainConfig:
             self.cfg_dropout()
         except ValueError as err:
             raise ValueError(f"--p-both / --p-none / --p-text-only / --p-image-only: {err}") from None
+        if self.validation_every <= 0 or self.validation_steps <= 0:
+            raise ValueError(
+                f"--validation-every and --validation-steps must be > 0, got {self.validation_every}, {self.validation_steps}"
+            )
+        if self.guidance_mode not in ("independent", "nested"):
+            raise ValueError(f"--guidance-mode must be independent or nested, got {self.guidance_mode!r}")
+        if self.text_guidance_scale < 0 or self.image_guidance_scale < 0:
+            raise ValueError("--text-guidance-scale and --image-guidance-scale must be >= 0")
+        if self.lpips_backbone not in ("pretrained", "random", "none"):
+            raise ValueError(f"--lpips-backbone must be pretrained, random or none, got {self.lpips_backbone!r}")
+        if self.fault is not None and self.fault not in FAULTS:
+            raise ValueError(f"--fault must be one of {FAULTS}, got {self.fault!r}")
         if self.push_to_hub:
             from huggingface_hub import get_token
 
@@ -154,15 +180,53 @@ class TrainConfig:
     def repo_id(self) -> str:
         return self.hub_model_id or Path(self.output_dir).resolve().name
 
-    def cfg_dropout(self, rank: int = 0) -> CFGDropout:
+    def cfg_dropout(self, rank: int = 0) -> CFGDropout | IndependentDropout:
         """This run's CFG-dropout sampler (one stream per process)."""
+        if self.fault == "bernoulli-cfg":
+            return IndependentDropout(0.2, 0.2, seed=self.seed + rank)
         return CFGDropout(self.p_both, self.p_none, self.p_text_only, self.p_image_only, seed=self.seed + rank)
+
+    def sampling(self):
+        """How validation samples."""
+        from .validation import SamplingConfig
+
+        return SamplingConfig(
+            num_inference_steps=self.validation_steps,
+            text_guidance_scale=self.text_guidance_scale,
+            image_guidance_scale=self.image_guidance_scale,
+            guidance_mode=self.guidance_mode,
+            seed=self.seed,
+        )
+
+    def thresholds(self):
+        """The verdict's numbers: the seed's, with the preset's own where it has them."""
+        from .report import Thresholds
+
+        return Thresholds(**PRESETS[self.preset].get("thresholds", {}))
 
     def encoder_spec(self) -> EncoderSpec:
         if self.stand_in_encoders:
             return EncoderSpec.stand_in(self.stand_in_encoders, pixel_mode=self.pixel_mode)
         vae = None if self.pixel_mode else self.vae
         return EncoderSpec(text_encoder=self.text_encoder, image_encoder=self.image_encoder, vae=vae)
+
+
+FAULTS = ("text-ignored", "dino-ignored", "bernoulli-cfg")
+
+
+def inject_fault(model: torch.nn.Module, fault: str | None) -> None:
+    """For validation-power experiments: make `model` deaf to one input, as a wiring bug would
+    (the text or the DINOv3 embedding replaced by zeros in every forward, training and sampling)."""
+    inputs = {"text-ignored": ("encoder_hidden_states",), "dino-ignored": ("image_embeds", "image_tokens")}
+    if fault not in inputs:
+        return
+
+    def zero_inputs(module, args, kwargs):
+        return args, {
+            k: (torch.zeros_like(v) if k in inputs[fault] and v is not None else v) for k, v in kwargs.items()
+        }
+
+    model.register_forward_pre_hook(zero_inputs, with_kwargs=True)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

@@ -77,3 +77,19 @@ def test_restoring_a_state_from_another_scheme_is_refused():
 def test_bad_probabilities_raise_a_value_error_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CFGDropout(**kwargs)
+
+
+def test_the_old_independent_bernoulli_scheme_mixes_the_modes_and_names_itself():
+    from nano_dit.cfg_dropout import IndependentDropout
+
+    old = IndependentDropout(0.2, 0.2, seed=0)
+    drop_text, drop_image = old.sample(20000)
+    both_dropped = (drop_text & drop_image).float().mean().item()
+    assert both_dropped == pytest.approx(0.04, abs=0.01)  # 0.2 × 0.2, not the 10 % CFG needs
+    assert drop_text.float().mean().item() == pytest.approx(0.2, abs=0.01)
+    assert old.scheme == "independent-bernoulli:text=0.2,image=0.2"
+    assert not old.scheme.startswith("exclusive")  # what resume and validation check
+    state = old.state_dict()
+    again = IndependentDropout(0.2, 0.2, seed=1)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(old.sample(50), again.sample(50)))

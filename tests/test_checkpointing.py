@@ -26,6 +26,7 @@ def _args(tmp_path, stand_in_dir, out, *extra):
         *("--total-steps", "8", "--checkpoint-every", "4", "--log-every", "3"),
         *("--shards", str(tmp_path / "shards"), "--cache", str(tmp_path / "cache")),
         *("--stand-in-encoders", str(stand_in_dir), "--output-dir", str(tmp_path / out)),
+        "--no-validation",  # tests/test_validation.py covers it
         *extra,
     ]
 
@@ -175,6 +176,10 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_a_message(tmp_path, stand_i
     with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss or gradient .* Lower --peak-lr"):
         train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--max-bad-steps", "3"))
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []  # nothing non-finite was saved
+    report = (tmp_path / "run" / "RESULTS.md").read_text()  # judged on its log, which kept every step
+    assert report.startswith("# Validation: ❌ NO-GO") and "then the run stopped itself" in report
+    log = (tmp_path / "run" / "checkpoints" / "training_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3]
 
 
 def test_gradient_checkpointing_flag_trains_the_same_steps(tmp_path, stand_in_dir):

@@ -51,10 +51,11 @@ class FakeHub:
 
 def _train(tmp, stand_in_dir, *extra):
     args = [
-        *("--num-images", "8", "--resolution", "64", "--no-pixel-mode", "--batch-size", "4"),
+        *("--num-images", "10", "--resolution", "64", "--no-pixel-mode", "--batch-size", "4"),
         *("--total-steps", "20", "--warmup-steps", "2", "--checkpoint-every", "10", "--log-every", "10"),
         *("--shards", str(tmp / "shards"), "--cache", str(tmp / "cache")),
-        *("--stand-in-encoders", str(stand_in_dir), "--output-dir", str(tmp / "run"), *extra),
+        *("--stand-in-encoders", str(stand_in_dir), "--output-dir", str(tmp / "run")),
+        *("--validation-steps", "2", "--lpips-backbone", "random", *extra),
     ]
     return load_train_script().main(args)
 
@@ -75,7 +76,7 @@ def test_checkpoint_final_is_a_full_pipeline_with_a_model_card(run):
     info = card_info(pipe)
     assert info["step"] == 20 and info["encoders"]["stand_in"] is True
     assert info["cfg_dropout_scheme"].startswith("exclusive-bag100")
-    assert "**Stand-in encoders.**" in pipe.model_card and "reconstruction_mse" in pipe.model_card
+    assert "**Stand-in encoders.**" in pipe.model_card and "reconstruction_psnr" in pipe.model_card
     assert f"]({SAMPLE_GRID})" in pipe.model_card and (run / "checkpoint_final" / SAMPLE_GRID).exists()
     images = pipe("a small red circle on the left", num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 64, 64, 3)  # text only; 8×8 latents decoded by the VAE

@@ -1,0 +1,369 @@
+"""Go / no-go: every success and failure indicator of the seed, evaluated with its number.
+
+`write_report(run_dir, ...)` reads `checkpoints/training_log.jsonl` and every
+`validation/step*/results.json`, evaluates the indicators on the newest validation, adds them and
+the verdict to that results.json, draws `validation/summary.png` and writes `RESULTS.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PASS, FAIL, WARN, NA = "pass", "fail", "warn", "n/a"
+MARK = {PASS: "✅", FAIL: "❌", WARN: "⚠️", NA: "–"}
+
+
+@dataclass
+class Thresholds:
+    """The numbers the verdict uses. The defaults are the seed's (LPIPS); the demo preset sets its
+    own, calibrated on the fault table in the README."""
+
+    lpips_success: float = 0.2  # mean reconstruction LPIPS below: memorised
+    lpips_failure: float = 0.3  # above: failed
+    psnr_success: float = 25.0  # dB; decides instead of LPIPS when LPIPS is unavailable
+    psnr_failure: float = 20.0
+    loss_drop: float = 0.5  # the smoothed loss must end at most this fraction of where it started
+    loss_plateau: float = 0.9  # ending above this fraction is a plateau (or a rise)
+    grad_low: float = 0.1  # the seed's healthy gradient-norm range
+    grad_high: float = 10.0
+    grad_in_range_share: float = 0.9  # share of steps after warmup that must lie in the range
+    grad_explode: float = 100.0
+    grad_vanish: float = 0.01
+    min_sensitivity: float = 0.01  # LPIPS between outputs below: identical regardless of that condition
+    swap_share: float = 0.6  # share of DINO-swap outputs closer to B
+    followed_share: float = 0.6  # share of text edits the output follows (synthetic set)
+    min_std_ratio: float = 0.5  # output spread / data spread below: mean-gray or collapsed
+
+
+@dataclass
+class Indicator:
+    name: str
+    status: str
+    value: str
+    criterion: str
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Running median over `window` values (robust to the single spikes of flow-matching losses)."""
+    half = max(window // 2, 0)
+    return [statistics.median(values[max(0, i - half) : i + half + 1]) for i in range(len(values))]
+
+
+def _floor(t: Thresholds, distance: str) -> float:
+    """The "near zero" of a distance: `min_sensitivity` for LPIPS; for MSE, the same visual
+    triviality (about 40 dB PSNR between the two outputs)."""
+    return t.min_sensitivity if distance == "lpips" else 1e-4
+
+
+def evaluate(
+    records: list[dict], results: dict | None, t: Thresholds, warmup_steps: int, scheme: str, stopped: bool = False
+) -> list[Indicator]:
+    """The indicators on the training log so far and one validation's `results` (None: the log's
+    alone, e.g. for a run that stopped itself; `stopped` says it did)."""
+    out = []
+    losses = [r["loss"] for r in records if not r.get("skipped")]
+    if len(losses) >= 20:
+        curve = smooth(losses, max(len(losses) // 20, 5))
+        start, end, low = curve[len(curve) // 20], curve[-1], min(curve)
+        ratio = end / start if start > 0 else float("inf")
+        status = PASS if ratio <= t.loss_drop and end <= 1.5 * low else FAIL if ratio >= t.loss_plateau else WARN
+        out.append(
+            Indicator(
+                "Loss decreases",
+                status,
+                f"smoothed {start:.4f} → {end:.4f} ({ratio:.2f}×; lowest {low:.4f})",
+                f"ends ≤ {t.loss_drop}× its start and near its lowest; ≥ {t.loss_plateau}× is a plateau or rise",
+            )
+        )
+    norms = [r["grad_norm"] for r in records if r["step"] > warmup_steps and r["grad_norm"] == r["grad_norm"]]
+    if norms:
+        share = sum(t.grad_low <= g <= t.grad_high for g in norms) / len(norms)
+        out.append(
+            Indicator(
+                f"Gradient norm in [{t.grad_low}, {t.grad_high}]",
+                PASS if share >= t.grad_in_range_share else WARN,
+                f"{share:.0%} of steps after warmup (median {statistics.median(norms):.3g})",
+                f"≥ {t.grad_in_range_share:.0%} of steps",
+            )
+        )
+        top = max(norms)
+        out.append(
+            Indicator(
+                f"No gradient explosion (> {t.grad_explode:g})",
+                FAIL if top > t.grad_explode else PASS,
+                f"max {top:.3g}",
+                f"max ≤ {t.grad_explode:g}",
+            )
+        )
+        tail = statistics.median(norms[-max(len(norms) // 10, 1) :])
+        out.append(
+            Indicator(
+                f"No vanishing gradient (< {t.grad_vanish:g})",
+                FAIL if tail < t.grad_vanish else PASS,
+                f"median of the last tenth {tail:.3g}",
+                f"≥ {t.grad_vanish:g}",
+            )
+        )
+    skipped = sum(bool(r.get("skipped")) for r in records)
+    out.append(
+        Indicator(
+            "Finite steps",
+            FAIL if stopped else PASS if skipped == 0 else WARN,
+            f"{skipped} skipped" + (", then the run stopped itself" if stopped else ""),
+            "no non-finite loss or gradient",
+        )
+    )
+    if results is not None:
+        out += _validation_indicators(results, t)
+    out.append(
+        Indicator(
+            "CFG dropout is the exclusive scheme",
+            PASS if scheme.startswith("exclusive") else FAIL,
+            scheme,
+            "checkpoints of the old independent-Bernoulli dropout are invalid (the seed's fix)",
+        )
+    )
+    return out
+
+
+def _validation_indicators(results: dict, t: Thresholds) -> list[Indicator]:
+    out = []
+    recon = results["reconstruction"]
+    if recon.get("mean_lpips") is not None:
+        value, good, bad = (
+            recon["mean_lpips"],
+            recon["mean_lpips"] < t.lpips_success,
+            recon["mean_lpips"] > t.lpips_failure,
+        )
+        out.append(
+            Indicator(
+                "Reconstruction LPIPS",
+                PASS if good else FAIL if bad else WARN,
+                f"mean {value:.3f}",
+                f"< {t.lpips_success} memorised, > {t.lpips_failure} failed",
+            )
+        )
+    else:
+        value = recon["mean_psnr"]
+        good, bad = value > t.psnr_success, value < t.psnr_failure
+        out.append(
+            Indicator(
+                "Reconstruction PSNR (LPIPS unavailable)",
+                PASS if good else FAIL if bad else WARN,
+                f"mean {value:.1f} dB (SSIM {recon['mean_ssim']:.3f})",
+                f"> {t.psnr_success:g} dB memorised, < {t.psnr_failure:g} dB failed",
+            )
+        )
+    std_ratio = recon["output_std"] / max(recon["data_std"], 1e-8)
+    beats_mean = recon["mse"] < recon["data_variance"]
+    out.append(
+        Indicator(
+            "Not mean-gray or collapsed",
+            PASS if std_ratio >= t.min_std_ratio and beats_mean else FAIL,
+            f"output spread {std_ratio:.2f}× the data's; error {recon['mse']:.4f} vs the mean image's "
+            f"{recon['data_variance']:.4f}",
+            f"spread ≥ {t.min_std_ratio}× and error below the mean image's",
+        )
+    )
+
+    floor, distance = _floor(t, results["distance"]), results["distance"].upper()
+    for test, condition in (("dino_swap", "DINOv3 embedding"), ("text_manip", "text")):
+        r = results[test]
+        if "skipped" in r:
+            out.append(Indicator(f"Depends on the {condition}", NA, r["skipped"], ""))
+            continue
+        s = r["mean_sensitivity"]
+        out.append(
+            Indicator(
+                f"Depends on the {condition}",
+                FAIL if s < floor else PASS,
+                f"{distance} between outputs {s:.4g}",
+                f"≥ {floor:g} (below: identical regardless of the {condition})",
+            )
+        )
+    swap = results["dino_swap"]
+    if "skipped" not in swap:
+        n, moved = len(swap["pairs"]), swap["share_moved_toward_b"]
+        out.append(
+            Indicator(
+                "DINO swap transfers composition",
+                PASS if moved >= t.swap_share else WARN,
+                f"{round(moved * n)} of {n} outputs moved toward B ({round(swap['share_closer_to_b'] * n)} closer to B than to A)",
+                f"≥ {t.swap_share:.0%} moved toward B",
+            )
+        )
+    manip = results["text_manip"]
+    if "skipped" not in manip and manip.get("share_followed") is not None:
+        share = manip["share_followed"]
+        out.append(
+            Indicator(
+                "Text edits followed",
+                PASS if share >= t.followed_share else WARN,
+                f"{round(share * len(manip['edits']))} of {len(manip['edits'])} moved toward the edited layout "
+                f"({round(manip['share_closer_to_target'] * len(manip['edits']))} nearer it than the original)",
+                f"≥ {t.followed_share:.0%} moved toward it",
+            )
+        )
+    return out
+
+
+def verdict(indicators: list[Indicator]) -> tuple[str, list[str]]:
+    """GO when nothing fails and the reconstruction passes; the reasons otherwise."""
+    failed = [f"{i.name}: {i.value}" for i in indicators if i.status == FAIL]
+    recon = next((i for i in indicators if i.name.startswith("Reconstruction")), None)
+    if not failed and recon is not None and recon.status == PASS:
+        return "GO", [f"{i.name}: {i.value} (warning)" for i in indicators if i.status == WARN]
+    if not failed:
+        failed = [f"{recon.name} not yet conclusive: {recon.value}" if recon else "no validation ran"]
+    return "NO-GO", failed
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def validations(run_dir: Path) -> list[tuple[int, Path, dict]]:
+    found = []
+    for path in sorted((run_dir / "validation").glob("step*/results.json")):
+        results = json.loads(path.read_text())
+        found.append((results["step"], path, results))
+    return sorted(found, key=lambda x: x[0])
+
+
+def write_report(
+    run_dir: str | Path,
+    thresholds: Thresholds,
+    warmup_steps: int,
+    scheme: str,
+    log_path: str | Path | None = None,
+    stand_in: bool = False,
+    stopped: bool = False,
+) -> dict:
+    """Evaluate the newest validation (or, with none, the training log alone), record the verdict
+    in its results.json and in validation/verdict.json, draw validation/summary.png and write
+    RESULTS.md; returns {"verdict", "reasons", "indicators", "step"}."""
+    run_dir = Path(run_dir)
+    records = read_log(Path(log_path) if log_path else run_dir / "checkpoints" / "training_log.jsonl")
+    history = validations(run_dir)
+    step, path, results = history[-1] if history else (records[-1]["step"] if records else 0, None, None)
+    seen = [r for r in records if r["step"] <= step]
+    indicators = evaluate(seen, results, thresholds, warmup_steps, scheme, stopped=stopped)
+    decision, reasons = verdict(indicators)
+    summary = {"verdict": decision, "reasons": reasons, "indicators": [asdict(i) for i in indicators], "step": step}
+    if path is not None:
+        results.update(summary, thresholds=asdict(thresholds))
+        path.write_text(json.dumps(results, indent=2))
+    (run_dir / "validation").mkdir(parents=True, exist_ok=True)
+    (run_dir / "validation" / "verdict.json").write_text(json.dumps(summary, indent=2))
+    plot_summary(records, [r for _, _, r in history], run_dir / "validation" / "summary.png")
+    text = _markdown(step, path.parent if path else None, run_dir, results, indicators, decision, reasons, stand_in)
+    (run_dir / "RESULTS.md").write_text(text)
+    return summary
+
+
+def _markdown(step, folder: Path | None, run_dir: Path, results, indicators, decision, reasons, stand_in) -> str:
+    lines = [
+        f"# Validation: {'✅ GO' if decision == 'GO' else '❌ NO-GO'} (step {step})",
+        "",
+    ]
+    if stand_in:
+        lines += [
+            "> **Stand-in encoders**: tiny random T5 / DINOv3. These figures test the machinery, not what real",
+            "> conditioning would learn.",
+            "",
+        ]
+    lines += [f"- {r}" for r in reasons] + ([""] if reasons else [])
+    table = [
+        "| | indicator | value | criterion |",
+        "| --- | --- | --- | --- |",
+        *[f"| {MARK[i.status]} | {i.name} | {i.value} | {i.criterion} |" for i in indicators],
+        "",
+        "![loss, gradient norm and the validation figures over the steps](validation/summary.png)",
+        "",
+    ]
+    if results is None:
+        return "\n".join([*lines, "No validation ran: the indicators come from the training log alone.", "", *table])
+    rel, s, lp = folder.relative_to(run_dir), results["sampling"], results["lpips"]
+    lines += [
+        f"Sampling: {s['num_inference_steps']} Euler steps, dual CFG ({s['guidance_mode']}) text "
+        f"{s['text_guidance_scale']} / image {s['image_guidance_scale']}, seed {s['seed']}. "
+        f"LPIPS: {lp['backbone'] if lp['available'] else 'unavailable — ' + lp['reason']}. "
+        f'Distances for "closer to" and sensitivity: {results["distance"].upper()}. Ground truth: {results["ground_truth"]}.',
+        "",
+        *table,
+        f"Reconstruction (ground truth | generated): ![reconstruction]({rel}/reconstruction/sheet.png)",
+        "",
+        f"DINO swap (A | B | A's caption + A's DINO | A's caption + B's DINO): ![dino swap]({rel}/dino_swap/sheet.png)",
+        "",
+        f"Text manipulation (original | from the original caption | from the edited caption | the edit drawn): "
+        f"![text manipulation]({rel}/text_manip/sheet.png)",
+        "",
+        f"Every figure, per image: [{rel}/results.json]({rel}/results.json).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_summary(records: list[dict], history: list[dict], path: Path) -> None:
+    """Loss (raw and smoothed), gradient norm, and the validation figures over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    steps = [r["step"] for r in records]
+    losses = [r["loss"] for r in records]
+    ax = axes[0][0]
+    if records:
+        ax.plot(steps, losses, lw=0.5, alpha=0.4, label="loss")
+        ax.plot(steps, smooth(losses, max(len(losses) // 20, 5)), lw=1.5, label="smoothed (running median)")
+        ax.set_yscale("log")
+    ax.set(title="training loss", xlabel="step")
+    ax.legend()
+    ax = axes[0][1]
+    if records:
+        ax.plot(steps, [r["grad_norm"] for r in records], lw=0.5)
+        ax.axhspan(0.1, 10, color="green", alpha=0.08, label="[0.1, 10]")
+        ax.set_yscale("log")
+        ax.legend()
+    ax.set(title="gradient norm (before clipping)", xlabel="step")
+    vsteps = [h["step"] for h in history]
+    ax = axes[1][0]
+    if not history:
+        ax.set(title="no validation ran")
+    elif history[-1]["reconstruction"]["mean_lpips"] is not None:
+        ax.plot(vsteps, [h["reconstruction"]["mean_lpips"] for h in history], "o-", label="mean LPIPS")
+        ax.axhline(0.2, color="green", ls="--", lw=0.8)
+        ax.axhline(0.3, color="red", ls="--", lw=0.8)
+        ax.set(title="reconstruction LPIPS (lower is better)")
+    else:
+        ax.plot(vsteps, [h["reconstruction"]["mean_psnr"] for h in history], "o-", label="mean PSNR (dB)")
+        ax.set(title="reconstruction PSNR, dB (LPIPS unavailable)")
+    ax.set(xlabel="step")
+    ax = axes[1][1]
+    for key, label in (("dino_swap", "DINO-swap sensitivity"), ("text_manip", "text sensitivity")):
+        ys = [h[key].get("mean_sensitivity") for h in history]
+        if all(y is not None for y in ys):
+            ax.plot(vsteps, ys, "o-", label=label)
+    ax2 = ax.twinx()
+    ax2.plot(
+        vsteps,
+        [h["dino_swap"].get("share_closer_to_b") for h in history],
+        "s--",
+        color="gray",
+        label="swap: share closer to B",
+    )
+    ax2.set_ylim(-0.05, 1.05)
+    ax.set(title="conditioning", xlabel="step")
+    ax.legend(loc="upper left")
+    ax2.legend(loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

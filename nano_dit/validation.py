@@ -1,0 +1,520 @@
+"""The seed's three validation tests, measured rather than only looked at.
+
+    validation/step0001000/
+      reconstruction/   every image regenerated from its own caption + DINOv3 embedding; sheet.png
+      dino_swap/        5 pairs: A's caption with B's DINOv3 embedding;                   sheet.png
+      text_manip/       5 rule-based caption edits, the DINOv3 embedding kept;            sheet.png
+      results.json      every figure below, per image and as means
+
+1. **Reconstruction**: LPIPS (the `lpips` package, AlexNet), PSNR and SSIM of each output to its
+   ground truth, and the outputs' mean and spread against the data's (a mean-gray or collapsed
+   model shows there).
+2. **DINO swap**: the distance of each swapped output to B and to A, the share of pairs closer to
+   B, the share that moved toward B (closer to B than A's own output from the same noise was),
+   and the sensitivity: the distance to A's own output.
+3. **Text manipulation**: the sensitivity (edited vs unedited output, same noise; the seed quotes
+   0.64 LPIPS for a broken run) and, where the data has a ground-truth layout (the synthetic set),
+   whether the output follows the edit: the edited layout, drawn, is nearer the edited output than
+   the unedited one (and whether it is nearer the edited layout than the original image).
+
+All sampling starts from cached features (no image or caption is encoded again, except the edited
+captions), batched across images and CFG branches, from seeded noise that belongs to each sample,
+so a figure does not depend on the batch size. The ground truth is the cached latents decoded by
+the VAE (the pixels themselves in pixel mode): the figures measure the transformer, not the VAE.
+
+LPIPS needs AlexNet weights that torchvision downloads once. Where they are neither cached nor
+reachable, the results say so (`"lpips": null` and the reason), PSNR / SSIM decide instead, and
+no LPIPS figure is made up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .feature_cache import CachedBucket
+from .sheets import contact_sheet
+from .synthetic import COLORS, POSITIONS, SHAPES, Layout, ShapeSpec, render
+
+logger = logging.getLogger(__name__)
+
+TESTS = ("reconstruction", "dino_swap", "text_manip")
+
+
+@dataclass
+class SamplingConfig:
+    """How validation samples (the seed's: 50 Euler steps, text 3.0, image 2.0)."""
+
+    num_inference_steps: int = 50
+    text_guidance_scale: float = 3.0
+    image_guidance_scale: float = 2.0
+    guidance_mode: str = "independent"
+    seed: int = 0
+    batch_size: int = 50  # images per pipeline call (times the CFG branches through the transformer)
+    decode_batch_size: int = 8  # latents per VAE decode (a 512² decode is memory-hungry)
+    num_pairs: int = 5
+    num_edits: int = 5
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+class ImageMetrics:
+    """LPIPS (AlexNet), PSNR and SSIM between image batches `(N, 3, H, W)` in [0, 1].
+
+    Args:
+        backbone: "pretrained" (torchvision's AlexNet weights: downloaded once, then cached),
+            "random" (a randomly initialised AlexNet: for tests, never for a verdict) or "none".
+    """
+
+    def __init__(self, device="cpu", backbone: str = "pretrained"):
+        self.device = torch.device(device)
+        self.backbone = backbone
+        self.lpips_model, self.lpips_reason = None, None
+        if backbone == "none":
+            self.lpips_reason = "LPIPS switched off"
+            return
+        if backbone not in ("pretrained", "random"):
+            raise ValueError(f"LPIPS backbone must be 'pretrained', 'random' or 'none', got {backbone!r}")
+        import warnings
+
+        import lpips
+
+        try:
+            with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' call
+                warnings.simplefilter("ignore")
+                model = lpips.LPIPS(net="alex", pnet_rand=backbone == "random", verbose=False)
+            self.lpips_model = model.to(self.device).eval().requires_grad_(False)
+        except Exception as err:  # no cached weights and no network: say so, decide on PSNR / SSIM
+            self.lpips_reason = f"AlexNet weights for LPIPS are not cached and could not be fetched ({err})"
+            logger.warning("LPIPS unavailable: %s; PSNR / SSIM decide instead", self.lpips_reason)
+
+    @property
+    def describe(self) -> dict:
+        if self.lpips_model is None:
+            return {"available": False, "reason": self.lpips_reason}
+        backbone = "AlexNet, torchvision weights" if self.backbone == "pretrained" else "AlexNet, RANDOM weights"
+        return {"available": True, "backbone": backbone}
+
+    @property
+    def distance_name(self) -> str:
+        """The distance that decides "closer to": LPIPS when there is one, else mean squared error."""
+        return "lpips" if self.lpips_model is not None else "mse"
+
+    @torch.no_grad()
+    def lpips(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        if self.lpips_model is None:
+            return None
+        x, y = (t.to(self.device) for t in (x, y))
+        if min(x.shape[-2:]) < 64:  # AlexNet's strides leave nothing of very small images
+            size = (64 * x.shape[-2] // min(x.shape[-2:]), 64 * x.shape[-1] // min(x.shape[-2:]))
+            x, y = (F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in (x, y))
+        return self.lpips_model(x * 2 - 1, y * 2 - 1).flatten().cpu()
+
+    @staticmethod
+    def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x.float().cpu() - y.float().cpu()).pow(2).flatten(1).mean(1)
+
+    @classmethod
+    def psnr(cls, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 10 * torch.log10(1.0 / cls.mse(x, y).clamp(min=1e-10))
+
+    @staticmethod
+    def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        return structural_similarity_index_measure(x.float().cpu(), y.float().cpu(), data_range=1.0, reduction="none")
+
+    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        d = self.lpips(x, y)
+        return d if d is not None else self.mse(x, y)
+
+    def compare(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, list[float] | None]:
+        """Per-image LPIPS (or None), PSNR and SSIM."""
+        lp = self.lpips(x, y)
+        return {
+            "lpips": None if lp is None else lp.tolist(),
+            "psnr": self.psnr(x, y).tolist(),
+            "ssim": self.ssim(x, y).tolist(),
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# What each test samples
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Edit:
+    """A caption edit of sample `index`; `target` is the edited layout rendered, when known."""
+
+    index: int
+    kind: str
+    caption: str
+    edited: str
+    target: Image.Image | None = field(default=None, repr=False)
+
+
+WORD_SWAPS = [("left", "right"), ("top", "bottom"), ("sitting", "standing"), ("red", "blue"), ("green", "purple")]
+EDIT_KINDS = ("mirror left-right", "color", "mirror top-bottom", "shape")
+
+
+def swap_pairs(bucket: CachedBucket, n: int = 5) -> list[tuple[int, int]]:
+    """`n` fixed pairs (A, B) of distinct samples: (0, 1), (2, 3), ..."""
+    return [(2 * i, 2 * i + 1) for i in range(min(n, len(bucket) // 2))]
+
+
+def caption_edits(bucket: CachedBucket, n: int = 5) -> list[Edit]:
+    """`n` rule-based edits of distinct samples, cycling through the kinds of `EDIT_KINDS`.
+
+    With a synthetic layout (`meta["objects"]`), the edit is made to the layout (left ↔ right,
+    top ↔ bottom, another colour, another shape) and the caption is the layout's own, so the
+    edited image is known. Other captions get word swaps ("left" ↔ "right", "sitting" ↔
+    "standing", colours) and no target.
+    """
+    edits, used = [], set()
+    for attempt in range(4 * n * len(EDIT_KINDS)):  # a kind that fits no sample is skipped
+        if len(edits) == n:
+            break
+        kind = EDIT_KINDS[attempt % len(EDIT_KINDS)]
+        for i in (j for j in range(len(bucket)) if j not in used):
+            edit = _edit_sample(bucket, i, kind)
+            if edit is not None:
+                edits.append(edit)
+                used.add(i)
+                break
+    return edits
+
+
+def _edit_sample(bucket: CachedBucket, i: int, kind: str) -> Edit | None:
+    caption, meta = bucket.captions[i], bucket.meta[i] or {}
+    if "objects" in meta:
+        layout = Layout(
+            [ShapeSpec(**{**o, "center": tuple(o["center"])}) for o in meta["objects"]], meta["background"]
+        )
+        edited = _edit_layout(layout, kind)
+        if edited is None:
+            return None
+        return Edit(i, kind, caption, edited.caption, render(edited, bucket.bucket[0]))
+    for a, b in WORD_SWAPS:
+        for old, new in ((a, b), (b, a)):
+            if re.search(rf"\b{old}\b", caption):
+                return Edit(i, f"{old} -> {new}", caption, re.sub(rf"\b{old}\b", new, caption))
+    return None
+
+
+def _edit_layout(layout: Layout, kind: str) -> Layout | None:
+    """The layout with one attribute of one object changed, or None when `kind` does not apply."""
+    cells = {o.position for o in layout.objects}
+    for n, o in enumerate(layout.objects):
+        changed = None
+        if kind.startswith("mirror"):
+            col, row = POSITIONS[o.position]
+            col, row = (2 - col, row) if kind == "mirror left-right" else (col, 2 - row)
+            position = next(name for name, cell in POSITIONS.items() if cell == (col, row))
+            if position != o.position and position not in cells:
+                changed = ShapeSpec(o.shape, o.color, o.size, position, ((col + 0.5) / 3, (row + 0.5) / 3), o.radius)
+        elif kind == "color":
+            taken = {x.color for x in layout.objects}
+            color = next(c for c in COLORS if c not in taken)
+            changed = ShapeSpec(o.shape, color, o.size, o.position, o.center, o.radius)
+        elif kind == "shape":
+            shape = SHAPES[(SHAPES.index(o.shape) + 1) % len(SHAPES)]
+            changed = ShapeSpec(shape, o.color, o.size, o.position, o.center, o.radius)
+        if changed is not None:
+            return Layout(layout.objects[:n] + [changed] + layout.objects[n + 1 :], layout.background)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Running the tests
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, text=None, image_rows=None):
+    """Images `(len(rows), 3, H, W)` in [0, 1] for samples `rows` of `bucket`, batched.
+
+    `text`: (embeds, mask) to use instead of the rows' cached captions; `image_rows`: whose DINOv3
+    embedding each row takes (default: its own). `noise` holds each sample's starting noise.
+    """
+    rows = list(rows)
+    image_rows = rows if image_rows is None else list(image_rows)
+    out = []
+    for s in range(0, len(rows), sampling.batch_size):
+        r, ir = rows[s : s + sampling.batch_size], image_rows[s : s + sampling.batch_size]
+        if text is None:
+            embeds, mask = bucket.text_embeds[r], bucket.text_mask[r]
+        else:
+            embeds, mask = text[0][s : s + len(r)], text[1][s : s + len(r)]
+        out.append(
+            pipe(
+                prompt_embeds=embeds,
+                prompt_attention_mask=mask,
+                image_embeds=bucket.image_embeds[ir],
+                latents=noise[r],
+                num_inference_steps=sampling.num_inference_steps,
+                text_guidance_scale=sampling.text_guidance_scale,
+                image_guidance_scale=sampling.image_guidance_scale,
+                guidance_mode=sampling.guidance_mode,
+                output_type="latent",
+            ).images
+        )
+    return decode(pipe, torch.cat(out), sampling.decode_batch_size)
+
+
+@torch.no_grad()
+def decode(pipe, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """Model-space latents -> images `(N, 3, H, W)` in [0, 1] on the CPU, `chunk` at a time."""
+    dtype = pipe.transformer.dtype if pipe.vae is None else pipe.vae.dtype
+    parts = [
+        pipe.decode_latents(latents[i : i + chunk].to(pipe.device, dtype), "pt").float().cpu()
+        for i in range(0, len(latents), chunk)
+    ]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def run_validation(
+    pipe,
+    buckets: list[CachedBucket],
+    out_dir: str | Path,
+    metrics: ImageMetrics,
+    sampling: SamplingConfig,
+    step: int,
+    info: dict | None = None,
+) -> dict:
+    """Run the three tests with `pipe` on the cached `buckets`; write images, sheets and results.json
+    (with `info`, e.g. the checkpoint and its CFG-dropout scheme, at the top)."""
+    out_dir = Path(out_dir)
+    for name in TESTS:
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+    pipe.set_progress_bar_config(disable=True)
+    results = {
+        "step": step,
+        **(info or {}),
+        "sampling": asdict(sampling),
+        "lpips": metrics.describe,
+        "distance": metrics.distance_name,
+        "ground_truth": "cached latents decoded by the VAE" if pipe.vae is not None else "the images (pixel mode)",
+    }
+    recon, truth, noise_of = {}, {}, {}
+    per_image = []
+    for b, bucket in enumerate(buckets):
+        noise = torch.randn(
+            (len(bucket), *bucket.latents.shape[1:]), generator=torch.Generator().manual_seed(sampling.seed + b)
+        )
+        noise_of[b] = noise
+        truth[b] = decode(pipe, bucket.latents, sampling.decode_batch_size)
+        recon[b] = generate(pipe, bucket, range(len(bucket)), noise, sampling)
+        figures = metrics.compare(recon[b], truth[b])
+        for i, key in enumerate(bucket.keys):
+            per_image.append({"key": key, **{k: (v[i] if v is not None else None) for k, v in figures.items()}})
+            _save(recon[b][i], out_dir / "reconstruction" / f"{key}.png")
+    results["reconstruction"] = _reconstruction_summary(per_image, torch.cat(list(recon.values())), truth)
+    _reconstruction_sheet(buckets, recon, truth, out_dir / "reconstruction" / "sheet.png")
+
+    main = max(range(len(buckets)), key=lambda b: len(buckets[b]))  # swap and edits: the largest bucket
+    results["dino_swap"] = _dino_swap(
+        pipe, buckets[main], recon[main], truth[main], noise_of[main], metrics, sampling, out_dir
+    )
+    results["text_manip"] = _text_manip(
+        pipe, buckets[main], recon[main], truth[main], noise_of[main], metrics, sampling, out_dir
+    )
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _reconstruction_summary(per_image: list[dict], outputs: torch.Tensor, truth: dict) -> dict:
+    data = torch.cat(list(truth.values()))
+    mean = lambda k: None if per_image[0][k] is None else sum(p[k] for p in per_image) / len(per_image)  # noqa: E731
+    return {
+        "mean_lpips": mean("lpips"),
+        "mean_psnr": mean("psnr"),
+        "mean_ssim": mean("ssim"),
+        "mse": ImageMetrics.mse(outputs, data).mean().item(),
+        "data_variance": data.var().item(),  # the MSE of the best constant guess
+        "output_mean": outputs.mean().item(),
+        "output_std": outputs.std().item(),
+        "data_mean": data.mean().item(),
+        "data_std": data.std().item(),
+        "per_image": per_image,
+    }
+
+
+def _dino_swap(pipe, bucket, recon, truth, noise, metrics, sampling, out_dir) -> dict:
+    pairs = swap_pairs(bucket, sampling.num_pairs)
+    if not pairs:
+        return {"skipped": "fewer than two samples"}
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    swapped = generate(pipe, bucket, a, noise, sampling, image_rows=b)  # A's caption and noise, B's DINOv3
+    to_a, to_b = metrics.distance(swapped, truth[a]), metrics.distance(swapped, truth[b])
+    own_to_b = metrics.distance(recon[a], truth[b])  # where A's own output stood
+    sensitivity = metrics.distance(swapped, recon[a])
+    records, cells, captions = [], [], []
+    for n, (i, j) in enumerate(pairs):
+        records.append(
+            {
+                "a": bucket.keys[i],
+                "b": bucket.keys[j],
+                "distance_to_a": to_a[n].item(),
+                "distance_to_b": to_b[n].item(),
+                "closer_to_b": bool(to_b[n] < to_a[n]),
+                "moved_toward_b": bool(to_b[n] < own_to_b[n]),
+                "sensitivity": sensitivity[n].item(),
+            }
+        )
+        _save(swapped[n], out_dir / "dino_swap" / f"pair{n}_{bucket.keys[i]}_{bucket.keys[j]}.png")
+        cells += [truth[i], truth[j], recon[i], swapped[n]]
+        captions += [
+            f"A: {bucket.captions[i]}",
+            f"B: {bucket.captions[j]}",
+            "A's caption + A's DINO",
+            "A's caption + B's DINO",
+        ]
+    _sheet(cells, captions, out_dir / "dino_swap" / "sheet.png")
+    return {
+        "pairs": records,
+        "share_closer_to_b": sum(r["closer_to_b"] for r in records) / len(records),
+        "share_moved_toward_b": sum(r["moved_toward_b"] for r in records) / len(records),
+        "mean_sensitivity": sensitivity.mean().item(),
+    }
+
+
+def _text_manip(pipe, bucket, recon, truth, noise, metrics, sampling, out_dir) -> dict:
+    edits = caption_edits(bucket, sampling.num_edits)
+    if not edits:
+        return {"skipped": "no caption has a word the edit rules change"}
+    if pipe.text_encoder is None or pipe.tokenizer is None:
+        return {"skipped": "the pipeline has no text encoder to encode the edited captions"}
+    rows = [e.index for e in edits]
+    embeds, mask = pipe.encode_prompt([e.edited for e in edits])
+    edited = generate(pipe, bucket, rows, noise, sampling, text=(embeds.cpu(), mask.cpu()))
+    sensitivity = metrics.distance(edited, recon[rows])
+    records, cells, captions = [], [], []
+    for n, e in enumerate(edits):
+        record = {"key": bucket.keys[e.index], "kind": e.kind, "caption": e.caption, "edited": e.edited}
+        record["sensitivity"] = sensitivity[n].item()
+        cells += [truth[e.index], recon[e.index], edited[n]]
+        captions += [f"original: {e.caption}", "generated from the original caption", f"edited: {e.edited}"]
+        if e.target is not None:
+            target = _to_tensor(e.target)
+            to_target = metrics.distance(edited[n : n + 1], target[None]).item()
+            to_original = metrics.distance(edited[n : n + 1], truth[e.index : e.index + 1]).item()
+            before = metrics.distance(recon[e.index : e.index + 1], target[None]).item()  # unedited output
+            record.update(distance_to_target=to_target, distance_to_original=to_original)
+            record["closer_to_target"] = to_target < to_original
+            record["followed"] = to_target < before  # the edit moved the output toward the edited layout
+            cells.append(target)
+            captions.append("the edited layout, drawn")
+        records.append(record)
+        _save(edited[n], out_dir / "text_manip" / f"edit{n}_{bucket.keys[e.index]}.png")
+    _sheet(cells, captions, out_dir / "text_manip" / "sheet.png", columns=4 if edits[0].target is not None else 3)
+    followed = [r["followed"] for r in records if "followed" in r]
+    closer = [r["closer_to_target"] for r in records if "closer_to_target" in r]
+    return {
+        "edits": records,
+        "mean_sensitivity": sensitivity.mean().item(),
+        "share_followed": sum(followed) / len(followed) if followed else None,
+        "share_closer_to_target": sum(closer) / len(closer) if closer else None,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def _to_pil(t: torch.Tensor) -> Image.Image:
+    return Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def _save(t: torch.Tensor, path: Path) -> None:
+    _to_pil(t).save(path)
+
+
+def _sheet(cells: list[torch.Tensor], captions: list[str], path: Path, columns: int = 4) -> None:
+    contact_sheet([_to_pil(c) for c in cells], captions, columns=columns, cell=160).save(path)
+
+
+def _reconstruction_sheet(buckets, recon, truth, path: Path, limit: int = 50) -> None:
+    """Ground truth | generated, side by side, for up to `limit` images."""
+    cells, captions = [], []
+    for b, bucket in enumerate(buckets):
+        for i in range(len(bucket)):
+            if len(cells) >= 2 * limit:
+                break
+            cells += [truth[b][i], recon[b][i]]
+            captions += [bucket.captions[i], "generated"]
+    contact_sheet([_to_pil(c) for c in cells], captions, columns=10, cell=96).save(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Standalone: `nano-dit validate --checkpoint PATH`
+# --------------------------------------------------------------------------------------------
+def validate_checkpoint(
+    checkpoint: str | Path,
+    cache: str | None = None,
+    output_dir: str | None = None,
+    device: str | None = None,
+    lpips_backbone: str = "pretrained",
+    overrides: dict | None = None,
+) -> dict:
+    """Validate a training checkpoint (its EMA weights) or a pipeline folder made by a run; write
+    `<run>/validation/stepNNNNNNN/` and `<run>/RESULTS.md`. Returns the verdict summary."""
+    import dataclasses
+
+    from .feature_cache import load_cache
+    from .hub import card_info, load_pipeline
+    from .report import write_report
+    from .training import TrainConfig, inject_fault
+
+    checkpoint = Path(checkpoint)
+    pipe = load_pipeline(checkpoint)
+    info = card_info(pipe)
+    if info is None:
+        raise ValueError(f"{checkpoint} carries no run information (its model card has no nano_dit metadata)")
+    scheme = info.get("cfg_dropout_scheme", "")
+    if not scheme.startswith("exclusive"):
+        raise ValueError(
+            f"{checkpoint} was trained with CFG-dropout scheme {scheme!r}, not the mutually exclusive one: "
+            "its conditioning modes are mixed up, so dual-CFG validation of it means nothing "
+            "(the seed's fix: such checkpoints are invalid; retrain)"
+        )
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in info["config"].items() if k in known}, model=info["model"])
+    config = dataclasses.replace(config, **(overrides or {}))
+    inject_fault(pipe.transformer, config.fault)  # a fault run's "architecture", as it trained
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.to(device)
+    _, buckets = load_cache(cache or config.cache)
+    run_dir = Path(output_dir) if output_dir else _run_dir(checkpoint)
+    step = info["step"]
+    run_validation(
+        pipe,
+        buckets,
+        run_dir / "validation" / f"step{step:07d}",
+        ImageMetrics(device, lpips_backbone),
+        config.sampling(),
+        step,
+        {"checkpoint": str(checkpoint), "cfg_dropout_scheme": scheme},
+    )
+    summary = write_report(
+        run_dir,
+        config.thresholds(),
+        config.warmup_steps,
+        scheme=scheme,
+        log_path=checkpoint.parent / "training_log.jsonl",
+        stand_in=info["encoders"]["stand_in"],
+    )
+    return {**summary, "report": str(run_dir / "RESULTS.md")}
+
+
+def _run_dir(checkpoint: Path) -> Path:
+    """<run>/checkpoints/<checkpoint> -> <run>; anything else -> the checkpoint's folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent

@@ -1,0 +1,268 @@
+"""The three validation tests, the go / no-go report and the fault injections, offline.
+
+LPIPS here runs on a RANDOMLY initialised AlexNet (`--lpips-backbone random`): the tests check the
+plumbing and the arithmetic, not perceptual quality; real runs use torchvision's weights.
+"""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import load_train_script
+
+from nano_dit.feature_cache import CachedBucket
+from nano_dit.report import FAIL, PASS, WARN, Thresholds, evaluate, verdict
+from nano_dit.synthetic import COLORS, SHAPES, synthetic_samples
+from nano_dit.validation import ImageMetrics, caption_edits, swap_pairs
+
+train_nano_dit = load_train_script()
+EXCLUSIVE = "exclusive-bag100:both=70,none=10,text_only=10,image_only=10"
+
+
+def _bucket(samples):
+    n = len(samples)
+    return CachedBucket(
+        bucket=(32, 32),
+        keys=[s["key"] for s in samples],
+        captions=[s["caption"] for s in samples],
+        meta=[s.get("meta") for s in samples],
+        latents=torch.zeros(n, 3, 32, 32),
+        text_embeds=torch.zeros(n, 4, 8),
+        text_mask=torch.ones(n, 4, dtype=torch.long),
+        image_embeds=torch.zeros(n, 8),
+        image_tokens=torch.zeros(n, 4, 8),
+    )
+
+
+def test_synthetic_edits_change_the_layout_and_draw_the_result():
+    samples = list(synthetic_samples(20, 32, seed=0))
+    bucket = _bucket(samples)
+    edits = caption_edits(bucket, 5)
+    assert [e.kind for e in edits] == ["mirror left-right", "color", "mirror top-bottom", "shape", "mirror left-right"]
+    assert len({e.index for e in edits}) == 5  # five different samples
+    changed_words = {
+        "mirror left-right": {"left", "right"},
+        "mirror top-bottom": {"top", "bottom"},
+        "color": set(COLORS),
+        "shape": set(SHAPES),
+    }
+    for e in edits:
+        before, after = e.caption.replace(",", "").split(), e.edited.replace(",", "").split()
+        diff = {a for a, b in zip(before, after) if a != b} | {b for a, b in zip(before, after) if a != b}
+        assert len(diff) == 2 and diff <= changed_words[e.kind], (e.kind, diff)
+        original = np.asarray(samples[e.index]["image"], dtype=np.float32)
+        assert (np.abs(np.asarray(e.target, dtype=np.float32) - original) > 30).any()  # the drawn edit differs
+
+
+def test_other_captions_get_word_swaps_without_a_target():
+    captions = ["a cat sitting on a red sofa", "a dog standing at the left", "a tree"]
+    bucket = _bucket([{"key": str(i), "caption": c} for i, c in enumerate(captions)])
+    edits = caption_edits(bucket, 5)
+    assert [(e.index, e.edited) for e in edits] == [
+        (0, "a cat standing on a red sofa"),
+        (1, "a dog standing at the right"),
+    ]
+    assert all(e.target is None for e in edits)
+    assert swap_pairs(bucket, 5) == [(0, 1)]
+
+
+def test_image_metrics_on_identical_and_different_images():
+    metrics = ImageMetrics(backbone="random")
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = x.roll(1, 0)  # each image against another
+    same, other = metrics.compare(x, x), metrics.compare(x, y)
+    assert same["lpips"] == pytest.approx([0, 0, 0], abs=1e-6) and min(other["lpips"]) > 0.001
+    assert same["ssim"] == pytest.approx([1, 1, 1]) and max(other["ssim"]) < 0.5
+    assert min(same["psnr"]) >= 99 and max(other["psnr"]) < 15
+    assert metrics.describe == {"available": True, "backbone": "AlexNet, RANDOM weights"}
+
+
+def test_without_alexnet_weights_lpips_is_null_with_the_reason(monkeypatch):
+    import lpips
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(lpips, "LPIPS", offline)
+    metrics = ImageMetrics(backbone="pretrained")
+    x = torch.rand(2, 3, 16, 16)
+    assert metrics.compare(x, x)["lpips"] is None  # never a made-up figure
+    assert metrics.describe["available"] is False and "no network" in metrics.describe["reason"]
+    assert metrics.distance_name == "mse" and metrics.distance(x, x).tolist() == [0.0, 0.0]
+
+
+def _records(losses, norms):
+    return [{"step": i + 1, "loss": x, "grad_norm": g} for i, (x, g) in enumerate(zip(losses, norms))]
+
+
+def _results(**changes):
+    results = {
+        "distance": "lpips",
+        "reconstruction": {
+            "mean_lpips": 0.15,
+            "mean_psnr": 30.0,
+            "mean_ssim": 0.9,
+            "mse": 0.01,
+            "data_variance": 0.1,
+            "output_std": 0.3,
+            "data_std": 0.3,
+        },
+        "dino_swap": {
+            "mean_sensitivity": 0.3,
+            "share_closer_to_b": 0.8,
+            "share_moved_toward_b": 0.8,
+            "pairs": [{}] * 5,
+        },
+        "text_manip": {
+            "mean_sensitivity": 0.2,
+            "share_followed": 0.8,
+            "share_closer_to_target": 0.8,
+            "edits": [{}] * 5,
+        },
+    }
+    for key, value in changes.items():
+        results[key] = {**results[key], **value}
+    return results
+
+
+def _statuses(records, results, **kw):
+    return {i.name: i.status for i in evaluate(records, results, Thresholds(), 10, EXCLUSIVE, **kw)}
+
+
+HEALTHY = _records([1.0 / (1 + i / 20) for i in range(400)], [1.0] * 400)
+
+
+def test_a_healthy_run_is_a_go():
+    indicators = evaluate(HEALTHY, _results(), Thresholds(), 10, EXCLUSIVE)
+    assert all(i.status == PASS for i in indicators), [i for i in indicators if i.status != PASS]
+    assert verdict(indicators) == ("GO", [])
+
+
+@pytest.mark.parametrize(
+    "records,results,indicator,status",
+    [
+        (_records([1.0] * 400, [1.0] * 400), _results(), "Loss decreases", FAIL),  # plateau
+        (
+            _records([1.0 / (1 + i / 20) for i in range(400)], [1.0] * 399 + [500.0]),
+            _results(),
+            "No gradient explosion (> 100)",
+            FAIL,
+        ),
+        (
+            _records([1.0 / (1 + i / 20) for i in range(400)], [0.001] * 400),
+            _results(),
+            "No vanishing gradient (< 0.01)",
+            FAIL,
+        ),
+        (HEALTHY, _results(reconstruction={"mean_lpips": 0.25}), "Reconstruction LPIPS", WARN),
+        (HEALTHY, _results(reconstruction={"mean_lpips": 0.35}), "Reconstruction LPIPS", FAIL),
+        (HEALTHY, _results(reconstruction={"output_std": 0.05}), "Not mean-gray or collapsed", FAIL),
+        (HEALTHY, _results(reconstruction={"mse": 0.2}), "Not mean-gray or collapsed", FAIL),
+        (HEALTHY, _results(dino_swap={"mean_sensitivity": 0.0}), "Depends on the DINOv3 embedding", FAIL),
+        (HEALTHY, _results(text_manip={"mean_sensitivity": 0.001}), "Depends on the text", FAIL),
+        (HEALTHY, _results(dino_swap={"share_moved_toward_b": 0.2}), "DINO swap transfers composition", WARN),
+        (HEALTHY, _results(text_manip={"share_followed": 0.2}), "Text edits followed", WARN),
+    ],
+)
+def test_each_failure_indicator_fires_on_its_symptom(records, results, indicator, status):
+    assert _statuses(records, results)[indicator] == status
+    decision, reasons = verdict(evaluate(records, results, Thresholds(), 10, EXCLUSIVE))
+    # a failure is a NO-GO; so is a reconstruction between the thresholds (not yet conclusive)
+    assert decision == ("NO-GO" if status == FAIL or indicator.startswith("Reconstruction") else "GO")
+    assert any(indicator in r for r in reasons)
+
+
+def test_without_lpips_the_psnr_thresholds_decide():
+    results = _results(reconstruction={"mean_lpips": None, "mean_psnr": 22.0})
+    assert _statuses(HEALTHY, results)["Reconstruction PSNR (LPIPS unavailable)"] == WARN
+    thresholds = replace(Thresholds(), psnr_success=21.0)
+    names = {i.name: i.status for i in evaluate(HEALTHY, results, thresholds, 10, EXCLUSIVE)}
+    assert names["Reconstruction PSNR (LPIPS unavailable)"] == PASS
+
+
+def test_the_old_cfg_scheme_is_a_no_go():
+    indicators = evaluate(HEALTHY, _results(), Thresholds(), 10, "independent-bernoulli:text=0.2,image=0.2")
+    assert verdict(indicators)[0] == "NO-GO"
+
+
+def test_a_run_that_stopped_itself_is_judged_on_its_log():
+    records = HEALTHY[:100] + [
+        {"step": 101 + i, "loss": float("nan"), "grad_norm": float("inf"), "skipped": True} for i in range(10)
+    ]
+    indicators = {i.name: i.status for i in evaluate(records, None, Thresholds(), 10, EXCLUSIVE, stopped=True)}
+    assert indicators["Finite steps"] == FAIL and indicators["No gradient explosion (> 100)"] == FAIL
+    assert not any(name.startswith("Reconstruction") for name in indicators)
+    assert verdict(evaluate(records, None, Thresholds(), 10, EXCLUSIVE, stopped=True))[0] == "NO-GO"
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: training with validation, and the faults it must catch
+# --------------------------------------------------------------------------------------------
+def _run(tmp_path, stand_in_dir, *extra):
+    args = [
+        *("--num-images", "12", "--resolution", "16", "--batch-size", "4", "--warmup-steps", "2"),
+        *("--total-steps", "20", "--checkpoint-every", "10", "--validation-every", "10", "--log-every", "5"),
+        *("--validation-steps", "3", "--lpips-backbone", "random"),
+        *("--shards", str(tmp_path / "shards"), "--cache", str(tmp_path / "cache")),
+        *("--stand-in-encoders", str(stand_in_dir), "--output-dir", str(tmp_path / "run"), *extra),
+    ]
+    return train_nano_dit.main(args)
+
+
+def test_training_validates_and_writes_the_report(tmp_path, stand_in_dir):
+    result = _run(tmp_path, stand_in_dir)
+    run = tmp_path / "run"
+    for step in ("step0000010", "step0000020"):
+        folder = run / "validation" / step
+        assert {p.name for p in folder.iterdir()} == {"reconstruction", "dino_swap", "text_manip", "results.json"}
+        assert len(list((folder / "reconstruction").glob("synth_*.png"))) == 12
+        assert (folder / "dino_swap" / "sheet.png").exists() and (folder / "text_manip" / "sheet.png").exists()
+    results = json.loads((run / "validation" / "step0000020" / "results.json").read_text())
+    assert len(results["reconstruction"]["per_image"]) == 12
+    assert results["lpips"]["backbone"] == "AlexNet, RANDOM weights"
+    assert len(results["dino_swap"]["pairs"]) == 5 and len(results["text_manip"]["edits"]) == 5
+    assert results["verdict"] in ("GO", "NO-GO") and results["indicators"]
+    report = (run / "RESULTS.md").read_text()
+    assert report.startswith("# Validation: ") and "(step 20)" in report
+    assert "validation/step0000020/reconstruction/sheet.png" in report and "**Stand-in encoders**" in report
+    assert (run / "validation" / "summary.png").exists()
+    assert result["verdict"] == results["verdict"]
+
+
+@pytest.mark.parametrize(
+    "fault,indicator", [("text-ignored", "Depends on the text"), ("dino-ignored", "Depends on the DINOv3 embedding")]
+)
+def test_a_model_deaf_to_one_condition_is_caught(tmp_path, stand_in_dir, fault, indicator):
+    _run(tmp_path, stand_in_dir, "--fault", fault, "--total-steps", "10")
+    results = json.loads((tmp_path / "run" / "validation" / "step0000010" / "results.json").read_text())
+    status = {i["name"]: i for i in results["indicators"]}
+    assert status[indicator]["status"] == FAIL
+    assert results["verdict"] == "NO-GO"
+    # a deaf model's edited (or swapped) output is its unedited one: it never moves toward the edit
+    moved = results["text_manip"]["share_followed"] if fault == "text-ignored" else None
+    moved = results["dino_swap"]["share_moved_toward_b"] if fault == "dino-ignored" else moved
+    assert moved == 0
+
+
+def test_the_validate_command_on_a_checkpoint(tmp_path, stand_in_dir, capsys):
+    from nano_dit.cli import main
+
+    _run(tmp_path, stand_in_dir, "--no-validation")
+    assert not (tmp_path / "run" / "validation").exists()
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint_step0000010"
+    main(["validate", "--checkpoint", str(checkpoint), "--steps", "2", "--lpips-backbone", "random"])
+    assert "RESULTS.md" in capsys.readouterr().out
+    results = json.loads((tmp_path / "run" / "validation" / "step0000010" / "results.json").read_text())
+    assert results["sampling"]["num_inference_steps"] == 2 and results["checkpoint"] == str(checkpoint)
+    assert "(step 10)" in (tmp_path / "run" / "RESULTS.md").read_text()
+
+
+def test_validating_a_checkpoint_of_the_old_cfg_dropout_is_refused(tmp_path, stand_in_dir, capsys):
+    from nano_dit.cli import main
+
+    _run(tmp_path, stand_in_dir, "--fault", "bernoulli-cfg", "--no-validation", "--total-steps", "10")
+    with pytest.raises(SystemExit):
+        main(["validate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "checkpoint_step0000010")])
+    assert "independent-bernoulli" in capsys.readouterr().err
