@@ -55,7 +55,7 @@ class SamplingConfig:
     num_inference_steps: int = 50
     text_guidance_scale: float = 3.0
     image_guidance_scale: float = 2.0
-    guidance_mode: str = "independent"
+    guidance_mode: str = "nested"
     seed: int = 0
     batch_size: int = 50  # images per pipeline call (times the CFG branches through the transformer)
     decode_batch_size: int = 8  # latents per VAE decode (a 512² decode is memory-hungry)
