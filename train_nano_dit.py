@@ -310,26 +310,32 @@ class Validator:
         self.pipe, self.metrics, self.last, self.folder = None, None, {}, None
 
     def __call__(self, step: int) -> None:
-        accelerator, config = self.accelerator, self.config
+        accelerator = self.accelerator
         if accelerator.is_main_process:
-            if self.pipe is None:
-                model = NanoDiTTransformer2DModel(**config.model)
-                inject_fault(model, config.fault)
-                self.pipe = build_pipeline(model, config.encoder_spec()).to(accelerator.device)
-                self.metrics = ImageMetrics(accelerator.device, config.lpips_backbone)
-            self.ema.copy_to(self.pipe.transformer.parameters())
-            self.folder = Path(config.output_dir) / "validation" / f"step{step:07d}"
-            info = {"checkpoint": f"EMA weights at step {step}", "cfg_dropout_scheme": self.scheme}
-            results = run_validation(self.pipe, self.buckets, self.folder, self.metrics, config.sampling(), step, info)
-            summary = self.report()
-            self.last = {**results, **summary}
-            accelerator.log(card_figures(self.last), step=step)
-            reasons = "; ".join(summary["reasons"][:3])
-            accelerator.print(
-                f"validation at step {step}: {summary['verdict']}{' — ' + reasons if reasons else ''} "
-                f"(see {Path(config.output_dir) / 'RESULTS.md'})"
-            )
+            devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):  # training's random numbers stay as they were
+                self._validate(step)
         accelerator.wait_for_everyone()
+
+    def _validate(self, step: int) -> None:
+        accelerator, config = self.accelerator, self.config
+        if self.pipe is None:
+            model = NanoDiTTransformer2DModel(**config.model)
+            inject_fault(model, config.fault)
+            self.pipe = build_pipeline(model, config.encoder_spec()).to(accelerator.device)
+            self.metrics = ImageMetrics(accelerator.device, config.lpips_backbone)
+        self.ema.copy_to(self.pipe.transformer.parameters())
+        self.folder = Path(config.output_dir) / "validation" / f"step{step:07d}"
+        info = {"checkpoint": f"EMA weights at step {step}", "cfg_dropout_scheme": self.scheme}
+        results = run_validation(self.pipe, self.buckets, self.folder, self.metrics, config.sampling(), step, info)
+        summary = self.report()
+        self.last = {**results, **summary}
+        accelerator.log(card_figures(self.last), step=step)
+        reasons = "; ".join(summary["reasons"][:3])
+        accelerator.print(
+            f"validation at step {step}: {summary['verdict']}{' — ' + reasons if reasons else ''} "
+            f"(see {Path(config.output_dir) / 'RESULTS.md'})"
+        )
 
     def report(self, stopped: bool = False) -> dict:
         config = self.config

@@ -266,3 +266,14 @@ def test_validating_a_checkpoint_of_the_old_cfg_dropout_is_refused(tmp_path, sta
     with pytest.raises(SystemExit):
         main(["validate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "checkpoint_step0000010")])
     assert "independent-bernoulli" in capsys.readouterr().err
+
+
+def test_validating_during_training_leaves_the_training_unchanged(tmp_path, stand_in_dir):
+    from safetensors.torch import load_file
+
+    _run(tmp_path / "a", stand_in_dir, "--total-steps", "8", "--checkpoint-every", "8", "--validation-every", "4")
+    _run(tmp_path / "b", stand_in_dir, "--total-steps", "8", "--checkpoint-every", "8", "--no-validation")
+    assert (tmp_path / "a" / "run" / "validation" / "step0000004").is_dir()
+    weights = "run/checkpoints/checkpoint_step0000008/model.safetensors"
+    a, b = load_file(tmp_path / "a" / weights), load_file(tmp_path / "b" / weights)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # validation drew none of training's random numbers
