@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
         project_dir=config.output_dir,
     )
     set_seed(config.seed, device_specific=True)
+    if accelerator.device.type == "cpu":  # `accelerate launch` sets OMP_NUM_THREADS=1 unless asked otherwise
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(config.cpu_threads or max(cores // accelerator.num_processes, 1))
     ckpt_dir = config.checkpoints
     check_output_dir(config, ckpt_dir, remove=accelerator.is_main_process)
     accelerator.wait_for_everyone()

@@ -110,6 +110,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # steps in a row with a non-finite loss or gradient that stop the run
     report_to: str = "none"  # experiment tracker: "tensorboard", "wandb" or "none"
     seed: int = 0  # seeds weights, data order, noise and CFG dropout
+    cpu_threads: int | None = None  # torch threads per process on a CPU run (default: the cores / processes)
     log_every: int = 50  # steps between log records and progress-bar updates
     # -- validation: the seed's three tests on the EMA weights, then RESULTS.md (nano_dit.validation)
     validation: bool = True  # --no-validation skips the tests (and loading the encoders they need)
@@ -163,6 +164,8 @@ class TrainConfig:
             raise ValueError("--text-guidance-scale and --image-guidance-scale must be >= 0")
         if self.lpips_backbone not in ("pretrained", "random", "none"):
             raise ValueError(f"--lpips-backbone must be pretrained, random or none, got {self.lpips_backbone!r}")
+        if self.cpu_threads is not None and self.cpu_threads <= 0:
+            raise ValueError(f"--cpu-threads must be > 0, got {self.cpu_threads}")
         if self.fault is not None and self.fault not in FAULTS:
             raise ValueError(f"--fault must be one of {FAULTS}, got {self.fault!r}")
         if self.push_to_hub:

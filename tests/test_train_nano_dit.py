@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import pytest
@@ -101,3 +102,31 @@ def test_every_flag_is_explained_by_its_field_comment():
     comments = _field_comments(TrainConfig)
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(comments)
     assert comments["max_bad_steps"].startswith("steps in a row with a non-finite loss")
+
+
+def test_a_cpu_run_uses_the_cores_unless_told(tmp_path, stand_in_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` sets by default
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train_nano_dit.main(
+            _demo_args(tmp_path / "a", stand_in_dir, "--total-steps", "2", "--warmup-steps", "1", "--no-validation")
+        )
+        cores = len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == cores
+        train_nano_dit.main(
+            _demo_args(
+                tmp_path / "b",
+                stand_in_dir,
+                "--total-steps",
+                "2",
+                "--warmup-steps",
+                "1",
+                "--no-validation",
+                "--cpu-threads",
+                "1",
+            )
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
