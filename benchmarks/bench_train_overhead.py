@@ -61,7 +61,7 @@ def main() -> None:
             *("--preset", "demo", "--num-images", "32", "--batch-size", str(args.batch_size)),
             *("--total-steps", str(args.steps), "--log-every", "25", "--checkpoint-every", str(10 * args.steps)),
             *("--shards", f"{tmp}/shards", "--cache", f"{tmp}/cache", "--stand-in-encoders", f"{tmp}/enc"),
-            *("--output-dir", f"{tmp}/run"),
+            *("--output-dir", f"{tmp}/run", "--no-validation"),
         ]
         config = parse_config(flags)
         train.prepare_feature_cache(config)
