@@ -130,3 +130,26 @@ def test_a_cpu_run_uses_the_cores_unless_told(tmp_path, stand_in_dir, monkeypatc
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_tracker_gets_the_training_and_validation_figures(tmp_path, stand_in_dir, monkeypatch):
+    from accelerate import Accelerator
+
+    logged = []
+    monkeypatch.setattr(
+        Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append((step, values))
+    )
+    train_nano_dit.main(
+        _demo_args(tmp_path, stand_in_dir, "--total-steps", "20", "--warmup-steps", "2", "--log-every", "10")
+    )
+    steps = [step for step, _ in logged]
+    assert steps == [10, 20, 20]  # two logging intervals, then the validation at the last step
+    training = logged[0][1]
+    assert {"loss", "grad_norm", "lr", "ema_decay", "samples_per_s"} <= set(training)
+    assert [k for k in training if k.startswith("loss_sigma_")] == [
+        "loss_sigma_0.00-0.25",
+        "loss_sigma_0.25-0.50",
+        "loss_sigma_0.50-0.75",
+        "loss_sigma_0.75-1.00",
+    ]
+    assert {"reconstruction_psnr", "dino_swap_sensitivity", "text_sensitivity"} <= set(logged[2][1])
