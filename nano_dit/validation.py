@@ -256,6 +256,8 @@ def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, 
                 prompt_attention_mask=mask,
                 image_embeds=bucket.image_embeds[ir],
                 latents=noise[r],
+                height=noise.shape[-2] * pipe.vae_scale_factor,  # the bucket's size, not the default
+                width=noise.shape[-1] * pipe.vae_scale_factor,
                 num_inference_steps=sampling.num_inference_steps,
                 text_guidance_scale=sampling.text_guidance_scale,
                 image_guidance_scale=sampling.image_guidance_scale,
@@ -314,7 +316,7 @@ def run_validation(
         for i, key in enumerate(bucket.keys):
             per_image.append({"key": key, **{k: (v[i] if v is not None else None) for k, v in figures.items()}})
             _save(recon[b][i], out_dir / "reconstruction" / f"{key}.png")
-    results["reconstruction"] = _reconstruction_summary(per_image, torch.cat(list(recon.values())), truth)
+    results["reconstruction"] = _reconstruction_summary(per_image, recon, truth)
     _reconstruction_sheet(buckets, recon, truth, out_dir / "reconstruction" / "sheet.png")
 
     main = max(range(len(buckets)), key=lambda b: len(buckets[b]))  # swap and edits: the largest bucket
@@ -328,15 +330,17 @@ def run_validation(
     return results
 
 
-def _reconstruction_summary(per_image: list[dict], outputs: torch.Tensor, truth: dict) -> dict:
-    data = torch.cat(list(truth.values()))
+def _reconstruction_summary(per_image: list[dict], recon: dict, truth: dict) -> dict:
+    """Means over every image of every bucket (buckets differ in size: pixels are pooled flat)."""
+    outputs = torch.cat([t.flatten() for t in recon.values()])
+    data = torch.cat([t.flatten() for t in truth.values()])
     mean = lambda k: None if per_image[0][k] is None else sum(p[k] for p in per_image) / len(per_image)  # noqa: E731
     return {
         "mean_lpips": mean("lpips"),
         "mean_psnr": mean("psnr"),
         "mean_ssim": mean("ssim"),
-        "mse": ImageMetrics.mse(outputs, data).mean().item(),
-        "data_variance": data.var().item(),  # the MSE of the best constant guess
+        "mse": torch.cat([ImageMetrics.mse(recon[b], truth[b]) for b in recon]).mean().item(),
+        "data_variance": data.var().item(),  # the error of the best single constant
         "output_mean": outputs.mean().item(),
         "output_std": outputs.std().item(),
         "data_mean": data.mean().item(),

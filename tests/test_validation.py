@@ -277,3 +277,32 @@ def test_validating_during_training_leaves_the_training_unchanged(tmp_path, stan
     weights = "run/checkpoints/checkpoint_step0000008/model.safetensors"
     a, b = load_file(tmp_path / "a" / weights), load_file(tmp_path / "b" / weights)
     assert all(torch.equal(a[k], b[k]) for k in a)  # validation drew none of training's random numbers
+
+
+def test_validation_covers_every_bucket_of_a_multi_aspect_set(tmp_path, tiny_config):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
+    from nano_dit.validation import SamplingConfig, run_validation
+
+    config = dict(tiny_config, in_channels=3, text_embed_dim=8, image_embed_dim=8)
+    pipe = NanoDiTPipeline(
+        transformer=NanoDiTTransformer2DModel(**config), scheduler=FlowMatchEulerDiscreteScheduler()
+    )
+    g = torch.Generator().manual_seed(0)
+
+    def bucket(n, w, h, first):
+        b = _bucket([{"key": f"k{first + i}", "caption": "a cat on the left"} for i in range(n)])
+        b.bucket, b.latents = (w, h), torch.rand(n, 3, h, w, generator=g) * 2 - 1
+        b.image_embeds = torch.randn(n, 8, generator=g)
+        return b
+
+    buckets = [bucket(4, 16, 16, 0), bucket(6, 24, 16, 4)]
+    sampling = SamplingConfig(num_inference_steps=2, batch_size=3)
+    results = run_validation(pipe, buckets, tmp_path, ImageMetrics(backbone="none"), sampling, step=1)
+    assert [p["key"] for p in results["reconstruction"]["per_image"]] == [f"k{i}" for i in range(10)]
+    assert len(results["dino_swap"]["pairs"]) == 3  # from the largest bucket
+    assert results["text_manip"] == {"skipped": "the pipeline has no text encoder to encode the edited captions"}
+    # an untrained model predicts v = 0: its output is the (clamped) starting noise, worse than the mean
+    recon = results["reconstruction"]
+    assert recon["mse"] > recon["data_variance"] > 0
