@@ -29,6 +29,7 @@ from nano_dit import FlowMatching, NanoDiTTransformer2DModel
 from nano_dit.checkpointing import (
     check_replicas_agree,
     check_resumable,
+    list_checkpoints,
     load_process_state,
     read_state,
     resolve_resume,
@@ -206,7 +207,10 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
     start, pending, bad_in_a_row = time.perf_counter(), [], 0
     bin_sums = bin_counts = torch.zeros(SIGMA_BINS, device=accelerator.device)
     for step in range(start_step + 1, config.total_steps + 1):
-        loss, grad_norm, applied, bins = optimizer_step(config, run, objective, batches, cfg_dropout)
+        try:
+            loss, grad_norm, applied, bins = optimizer_step(config, run, objective, batches, cfg_dropout)
+        except torch.cuda.OutOfMemoryError as err:  # (torch.OutOfMemoryError in newer torch)
+            raise OutOfMemory(out_of_memory_message(config, step, ckpt_dir)) from err
         progress.update(1)
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
         if not applied:
@@ -246,6 +250,23 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
             save_checkpoint(accelerator, ckpt_dir, step, state, config.checkpoints_total_limit, samplers)
         if validating:
             run["validator"](step)
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory; the message says what to change and where to resume."""
+
+
+def out_of_memory_message(config: TrainConfig, step: int, ckpt_dir: str) -> str:
+    found = list_checkpoints(ckpt_dir)
+    resume = f"{found[-1]} (--resume latest)" if found else "none yet: it starts afresh"
+    remedies = [f"--batch-size {max(config.batch_size // 2, 1)} (now {config.batch_size})"]
+    if not config.gradient_checkpointing:
+        remedies.append("--gradient-checkpointing")
+    if not config.use_8bit_adam:
+        remedies.append('--use-8bit-adam (pip install "nano-dit[gpu]")')
+    if config.mixed_precision == "no":
+        remedies.append("--mixed-precision bf16")
+    return f"out of device memory at step {step}. Try {', '.join(remedies)}. The last good checkpoint is {resume}."
 
 
 def optimizer_step(config: TrainConfig, run: dict, objective, batches, cfg_dropout):
@@ -384,5 +405,5 @@ def card_figures(results: dict) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (FileExistsError, FileNotFoundError) as err:  # the user's data or folders, not a bug: no traceback
+    except (FileExistsError, FileNotFoundError, OutOfMemory) as err:  # not a bug: a message, no traceback
         sys.exit(f"train_nano_dit.py: error: {err}")

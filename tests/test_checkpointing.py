@@ -251,3 +251,24 @@ def test_gradient_accumulation_draws_that_many_micro_batches_per_step(tmp_path, 
     assert cfg_dropout["num_drawn"] == 8 * 3 * 4  # steps x micro-batches x batch size
     log = (tmp_path / "run" / "checkpoints" / "training_log.jsonl").read_text().splitlines()
     assert len(log) == 8 and json.loads(log[-1])["lr"] == pytest.approx(1e-6)
+
+
+def test_out_of_memory_names_the_remedies_and_the_last_good_checkpoint(tmp_path, stand_in_dir, monkeypatch):
+    real_step = train_nano_dit.optimizer_step
+    calls = []
+
+    def step_then_run_out(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_nano_dit, "optimizer_step", step_then_run_out)
+    with pytest.raises(train_nano_dit.OutOfMemory) as info:
+        train_nano_dit.main(_args(tmp_path, stand_in_dir, "run"))
+    message = str(info.value)
+    assert message.startswith("out of device memory at step 5.")
+    assert "--batch-size 2 (now 4)" in message and "--gradient-checkpointing" in message
+    assert "--use-8bit-adam" in message and "--mixed-precision bf16" in message
+    assert message.endswith(f"{tmp_path / 'run' / 'checkpoints' / 'checkpoint_step0000004'} (--resume latest).")
+    assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
