@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=config.output_dir,
+        dynamo_backend=config.compile_backend if config.compile else None,
     )
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed, device_specific=True)
     if accelerator.device.type == "cpu":  # `accelerate launch` sets OMP_NUM_THREADS=1 unless asked otherwise
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         " with STAND-IN encoders (tiny, random: not real T5 / DINOv3)" if manifest["encoders"]["stand_in"] else ""
     )
     accelerator.print(
-        f"NanoDiT: {accelerator.unwrap_model(model).num_parameters() / 1e6:.2f}M parameters; "
+        f"NanoDiT: {accelerator.unwrap_model(model, keep_torch_compile=False).num_parameters() / 1e6:.2f}M parameters; "
         f"{sum(len(b) for b in buckets)} cached samples in {len(buckets)} bucket(s){stand_in}"
     )
 
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         validator = run["validator"]
         if validator.pipe is None:  # no validation ran: build the shipped pipeline now
-            final = accelerator.unwrap_model(model)
+            final = accelerator.unwrap_model(model, keep_torch_compile=False)
             ema.copy_to(final.parameters())  # the EMA weights are the ones we ship and sample
             validator.pipe = build_pipeline(final, config.encoder_spec())
         pipe, result = validator.pipe, validator.last

@@ -111,6 +111,9 @@ class TrainConfig:
     report_to: str = "none"  # experiment tracker: "tensorboard", "wandb" or "none"
     seed: int = 0  # seeds weights, data order, noise and CFG dropout
     cpu_threads: int | None = None  # torch threads per process on a CPU run (default: the cores / processes)
+    compile: bool = False  # torch.compile the transformer through Accelerate (pays off on a GPU, after a warm-up)
+    compile_backend: str = "inductor"  # dynamo backend for --compile ("eager": graph capture, no code generation)
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (fp32 weights, faster matmuls); no effect elsewhere
     log_every: int = 50  # steps between log records and progress-bar updates
     # -- validation: the seed's three tests on the EMA weights, then RESULTS.md (nano_dit.validation)
     validation: bool = True  # --no-validation skips the tests (and loading the encoders they need)

@@ -272,3 +272,48 @@ def test_out_of_memory_names_the_remedies_and_the_last_good_checkpoint(tmp_path,
     assert "--use-8bit-adam" in message and "--mixed-precision bf16" in message
     assert message.endswith(f"{tmp_path / 'run' / 'checkpoints' / 'checkpoint_step0000004'} (--resume latest).")
     assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
+
+
+def test_a_compiled_run_trains_the_same_steps_and_saves_plain_names(tmp_path, stand_in_dir, monkeypatch):
+    # "eager": dynamo captures the graphs (a graph break would show here) without generating code
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "plain", "--total-steps", "4"))
+    compiled_models, real_compile = [], torch.compile
+
+    def compile_and_record(model, **kwargs):
+        compiled_models.append((type(model).__name__, kwargs.get("backend")))
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_and_record)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # its settings (the dynamo backend) outlive an Accelerator within one process
+    try:
+        train_nano_dit.main(
+            _args(tmp_path, stand_in_dir, "compiled", "--total-steps", "4", "--compile", "--compile-backend", "eager")
+        )
+    finally:
+        AcceleratorState._reset_state()  # the next tests start uncompiled
+    assert compiled_models == [("NanoDiTTransformer2DModel", "eager")]
+    plain, compiled = _state(tmp_path / "plain", 4), _state(tmp_path / "compiled", 4)
+    assert plain.keys() == compiled.keys()  # no "_orig_mod." in what is saved
+    for name, tensor in plain.items():
+        torch.testing.assert_close(compiled[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    final = load_file(
+        tmp_path
+        / "compiled"
+        / "checkpoints"
+        / "checkpoint_final"
+        / "transformer"
+        / "diffusion_pytorch_model.safetensors"
+    )
+    assert not any("_orig_mod" in k for k in final)
+
+
+def test_the_transformer_compiles_without_graph_breaks(tiny_model, tiny_config):
+    from conftest import make_inputs
+
+    inputs = make_inputs(tiny_config)
+    inputs.update(drop_text=torch.tensor([True, False]), drop_image=torch.tensor([False, True]))
+    explanation = torch._dynamo.explain(tiny_model)(**inputs)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
