@@ -31,4 +31,5 @@ for batch in (8, 16, 32):
     del model, opt, ema
 PY
 python benchmarks/bench_memory.py --batch-sizes 8 16 32
+python benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 16 32 --compile
 python benchmarks/bench_pipeline_cfg.py --device cuda --latent-size 64 --batch-size 4 --repeats 5
