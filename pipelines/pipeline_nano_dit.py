@@ -362,8 +362,9 @@ class NanoDiTPipeline(DiffusionPipeline):
         index = json.loads(index_path.read_text())
         index["_class_name"] = [pipeline_file.stem, type(self).__name__]
         index["transformer"] = [transformer_file.stem, type(self.transformer).__name__]
+        index.pop("_name_or_path", None)  # where it was loaded from: a local path
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for config_path in [index_path, *folder.glob("*/config.json"), *folder.glob("*/scheduler_config.json")]:
+        for config_path in [*folder.glob("*/config.json"), *folder.glob("*/scheduler_config.json")]:
             config = json.loads(config_path.read_text())
             if config.pop("_name_or_path", None) is not None:  # where it was loaded from: a local path
                 config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
