@@ -59,8 +59,7 @@ def load_pipeline(checkpoint: str | Path) -> NanoDiTPipeline:
             f"{path} is neither a pipeline folder (no model_index.json) nor a training checkpoint (no {STATE_FILE})"
         )
     state = read_state(path)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+    config = TrainConfig.from_saved(state["config"])
     transformer = NanoDiTTransformer2DModel(**config.model)
     ema = torch.load(path / EMA_FILE, weights_only=True)
     with torch.no_grad():

@@ -186,6 +186,16 @@ class TrainConfig:
     def repo_id(self) -> str:
         return self.hub_model_id or Path(self.output_dir).resolve().name
 
+    @classmethod
+    def from_saved(cls, values: dict, model: dict | None = None) -> TrainConfig:
+        """The config a checkpoint or a model card recorded; fields this version does not know are
+        left out. `model`: the model config, where it was recorded apart."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in values.items() if k in known}
+        if model is not None:
+            fields["model"] = model
+        return cls(**fields)
+
     def cfg_dropout(self, rank: int = 0) -> CFGDropout | IndependentDropout:
         """This run's CFG-dropout sampler (one stream per process)."""
         if self.fault == "bernoulli-cfg":

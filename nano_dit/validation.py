@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .encoders import images_to_tensor
 from .feature_cache import CachedBucket
 from .sheets import contact_sheet
 from .synthetic import COLORS, POSITIONS, SHAPES, Layout, ShapeSpec, render
@@ -405,7 +406,7 @@ def _text_manip(pipe, bucket, recon, truth, noise, metrics, sampling, out_dir) -
         cells += [truth[e.index], recon[e.index], edited[n]]
         captions += [f"original: {e.caption}", "generated from the original caption", f"edited: {e.edited}"]
         if e.target is not None:
-            target = _to_tensor(e.target)
+            target = (images_to_tensor([e.target])[0] + 1) / 2  # (3, H, W) in [0, 1]
             to_target = metrics.distance(edited[n : n + 1], target[None]).item()
             to_original = metrics.distance(edited[n : n + 1], truth[e.index : e.index + 1]).item()
             before = metrics.distance(recon[e.index : e.index + 1], target[None]).item()  # unedited output
@@ -428,12 +429,6 @@ def _text_manip(pipe, bucket, recon, truth, noise, metrics, sampling, out_dir) -
 
 
 # --------------------------------------------------------------------------------------------
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    import numpy as np
-
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-
-
 def _to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
@@ -490,9 +485,7 @@ def validate_checkpoint(
             "its conditioning modes are mixed up, so dual-CFG validation of it means nothing "
             "(the seed's fix: such checkpoints are invalid; retrain)"
         )
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    config = TrainConfig(**{k: v for k, v in info["config"].items() if k in known}, model=info["model"])
-    config = dataclasses.replace(config, **(overrides or {}))
+    config = dataclasses.replace(TrainConfig.from_saved(info["config"], model=info["model"]), **(overrides or {}))
     inject_fault(pipe.transformer, config.fault)  # a fault run's "architecture", as it trained
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.to(device)
