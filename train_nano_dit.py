@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.print(prepare_feature_cache(config).summary())
         manifest, buckets = load_cache(config.cache)
     batches = CachedBatches(
-        buckets, config.batch_size, accelerator.device, seed=config.seed + accelerator.process_index
+        buckets,
+        config.batch_size,
+        accelerator.device,
+        seed=config.seed + accelerator.process_index,
+        on_device={"auto": None, "yes": True, "no": False}[config.cache_on_device],
     )
     config.model = model_config_for(config, buckets)
 
@@ -106,6 +110,11 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(
         f"NanoDiT: {accelerator.unwrap_model(model, keep_torch_compile=False).num_parameters() / 1e6:.2f}M parameters; "
         f"{sum(len(b) for b in buckets)} cached samples in {len(buckets)} bucket(s){stand_in}"
+        + (
+            ""
+            if accelerator.device.type == "cpu"
+            else f"; cache in {'device' if batches.on_device else 'host'} memory"
+        )
     )
 
     # ---------------------------------------------------------------- resume

@@ -114,6 +114,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the transformer through Accelerate (pays off on a GPU, after a warm-up)
     compile_backend: str = "inductor"  # dynamo backend for --compile ("eager": graph capture, no code generation)
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (fp32 weights, faster matmuls); no effect elsewhere
+    cache_on_device: str = "auto"  # "yes": whole feature cache on the device; "no": host memory, a copy per batch; "auto": yes when it takes <= 1/4 of free memory
     log_every: int = 50  # steps between log records and progress-bar updates
     # -- validation: the seed's three tests on the EMA weights, then RESULTS.md (nano_dit.validation)
     validation: bool = True  # --no-validation skips the tests (and loading the encoders they need)
@@ -167,6 +168,8 @@ class TrainConfig:
             raise ValueError("--text-guidance-scale and --image-guidance-scale must be >= 0")
         if self.lpips_backbone not in ("pretrained", "random", "none"):
             raise ValueError(f"--lpips-backbone must be pretrained, random or none, got {self.lpips_backbone!r}")
+        if self.cache_on_device not in ("auto", "yes", "no"):
+            raise ValueError(f"--cache-on-device must be auto, yes or no, got {self.cache_on_device!r}")
         if self.cpu_threads is not None and self.cpu_threads <= 0:
             raise ValueError(f"--cpu-threads must be > 0, got {self.cpu_threads}")
         if self.fault is not None and self.fault not in FAULTS:
@@ -341,18 +344,29 @@ def conditioning(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class CachedBatches:
-    """Endless random batches from the cached buckets, all tensors on `device`; a batch never
-    mixes buckets. Buckets are chosen in proportion to their size. Seeded per process.
+    """Endless random batches from the cached buckets; a batch never mixes buckets. Buckets are
+    chosen in proportion to their size. Seeded per process.
+
+    `on_device`: True keeps the whole cache on `device` and indexes it there (no DataLoader, no
+    copy per step: the fast path, and the natural one for the seed's 100 images, tens of MB);
+    False keeps it in host memory and copies each batch with `non_blocking` (gathered into pinned
+    memory on CUDA);
+    None (default) chooses the device when the cache takes at most a quarter of the free device
+    memory. Both give the same batches for a seed.
     """
 
     FIELDS = ("latents", "text_embeds", "text_mask", "image_embeds", "image_tokens")
 
-    def __init__(self, buckets: list[CachedBucket], batch_size: int, device, seed: int = 0):
+    def __init__(self, buckets: list[CachedBucket], batch_size: int, device, seed: int = 0, on_device=None):
         total = sum(len(b) for b in buckets)
         if batch_size > total:
             raise ValueError(f"--batch-size {batch_size} is larger than the data ({total} cached samples)")
         self.batch_size = batch_size
-        self.tensors = [{name: getattr(b, name).to(device) for name in self.FIELDS} for b in buckets]
+        self.device = torch.device(device)
+        nbytes = sum(getattr(b, name).nbytes for b in buckets for name in self.FIELDS)
+        self.on_device = cache_fits_on_device(nbytes, self.device) if on_device is None else bool(on_device)
+        home = self.device if self.on_device else torch.device("cpu")
+        self.tensors = [{name: getattr(b, name).to(home) for name in self.FIELDS} for b in buckets]
         self.sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -367,14 +381,34 @@ class CachedBatches:
         else:  # a small bucket: draw with replacement rather than a smaller batch
             index = torch.randint(n, (self.batch_size,), generator=self.generator)
         tensors = self.tensors[bucket]
-        index = index.to(tensors["latents"].device)
-        return {name: t[index] for name, t in tensors.items()}
+        if self.on_device:
+            index = index.to(self.device)
+            return {name: t[index] for name, t in tensors.items()}
+        return {name: _gathered(t, index, self.device) for name, t in tensors.items()}
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+def cache_fits_on_device(nbytes: int, device: torch.device, share: float = 0.25) -> bool:
+    """Whether a cache of `nbytes` belongs on `device`: always on the CPU (it is host memory);
+    on CUDA when it takes at most `share` of the free memory (the rest is the model's)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= share * free
+
+
+def _gathered(t: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Rows `index` of host tensor `t` on `device`: on CUDA gathered straight into fresh pinned
+    memory and copied without blocking, so the copy overlaps the previous step's work."""
+    if device.type != "cuda":
+        return t[index].to(device)
+    out = torch.empty((len(index), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+    return torch.index_select(t, 0, index, out=out).to(device, non_blocking=True)
 
 
 class JsonlLog:
