@@ -115,6 +115,8 @@ def _validate(args: argparse.Namespace) -> None:
                 "text_guidance_scale": args.text_guidance_scale,
                 "image_guidance_scale": args.image_guidance_scale,
                 "guidance_mode": args.guidance_mode,
+                "compile": args.compile,
+                "mixed_precision": args.mixed_precision,
             }.items()
             if v is not None
         },
@@ -217,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--guidance-mode", choices=("independent", "nested"), default=None, help="default: the run's")
     val.add_argument(
         "--lpips-backbone", choices=("pretrained", "random", "none"), default="pretrained", help="default: pretrained"
+    )
+    val.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the transformer for sampling (default: as the run trained)",
+    )
+    val.add_argument(
+        "--mixed-precision",
+        choices=("no", "bf16", "fp16"),
+        default=None,
+        help="sample under autocast on CUDA (default: the run's)",
     )
     val.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     val.set_defaults(func=_validate)

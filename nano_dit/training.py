@@ -215,6 +215,9 @@ class TrainConfig:
             image_guidance_scale=self.image_guidance_scale,
             guidance_mode=self.guidance_mode,
             seed=self.seed,
+            mixed_precision=self.mixed_precision,
+            compile=self.compile,
+            compile_backend=self.compile_backend,
         )
 
     def thresholds(self):

@@ -62,6 +62,22 @@ class SamplingConfig:
     decode_batch_size: int = 8  # latents per VAE decode (a 512² decode is memory-hungry)
     num_pairs: int = 5
     num_edits: int = 5
+    mixed_precision: str = "no"  # "bf16" / "fp16": the transformer samples under autocast (CUDA only)
+    compile: bool = False  # torch.compile the transformer in place (state-dict names unchanged)
+    compile_backend: str = "inductor"
+
+
+def prepare_for_sampling(pipe, sampling: SamplingConfig) -> None:
+    """Compile `pipe.transformer` in place once (`nn.Module.compile`: its `state_dict`, and so every
+    saved file, keeps the plain names), when `sampling.compile` asks for it."""
+    if sampling.compile and getattr(pipe.transformer, "_compiled_call_impl", None) is None:
+        pipe.transformer.compile(backend=sampling.compile_backend)
+
+
+def _autocast(pipe, sampling: SamplingConfig):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(sampling.mixed_precision)
+    enabled = dtype is not None and pipe.device.type == "cuda"
+    return torch.autocast(pipe.device.type, dtype=dtype or torch.bfloat16, enabled=enabled)
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,8 +91,8 @@ class ImageMetrics:
             "random" (a randomly initialised AlexNet: for tests, never for a verdict) or "none".
     """
 
-    def __init__(self, device="cpu", backbone: str = "pretrained"):
-        self.device = torch.device(device)
+    def __init__(self, device="cpu", backbone: str = "pretrained", chunk: int = 32):
+        self.device, self.chunk = torch.device(device), chunk
         self.backbone = backbone
         self.lpips_model, self.lpips_reason = None, None
         if backbone == "none":
@@ -109,29 +125,42 @@ class ImageMetrics:
         """The distance that decides "closer to": LPIPS when there is one, else mean squared error."""
         return "lpips" if self.lpips_model is not None else "mse"
 
-    @torch.no_grad()
     def lpips(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Per-image LPIPS on the metric's device, `chunk` images per call; None without a backbone."""
         if self.lpips_model is None:
             return None
-        x, y = (t.to(self.device) for t in (x, y))
+        return self._batched(self._lpips, x, y)
+
+    def _lpips(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < 64:  # AlexNet's strides leave nothing of very small images
             size = (64 * x.shape[-2] // min(x.shape[-2:]), 64 * x.shape[-1] // min(x.shape[-2:]))
             x, y = (F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in (x, y))
-        return self.lpips_model(x * 2 - 1, y * 2 - 1).flatten().cpu()
+        return self.lpips_model(x * 2 - 1, y * 2 - 1)
+
+    @torch.inference_mode()
+    def _batched(self, fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`fn` over matching chunks of `x` and `y`, moved to the device in fp32; per image, on the CPU."""
+        parts = []
+        for i in range(0, len(x), self.chunk):
+            a, b = (t[i : i + self.chunk].to(self.device, torch.float32, non_blocking=True) for t in (x, y))
+            parts.append(fn(a, b).flatten().cpu())
+        return torch.cat(parts)
 
     @staticmethod
     def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (x.float().cpu() - y.float().cpu()).pow(2).flatten(1).mean(1)
+        return (x.float() - y.float()).pow(2).flatten(1).mean(1)
 
     @classmethod
     def psnr(cls, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return 10 * torch.log10(1.0 / cls.mse(x, y).clamp(min=1e-10))
 
-    @staticmethod
-    def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def ssim(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-image SSIM (torchmetrics, Gaussian window), on the metric's device in chunks."""
         from torchmetrics.functional.image import structural_similarity_index_measure
 
-        return structural_similarity_index_measure(x.float().cpu(), y.float().cpu(), data_range=1.0, reduction="none")
+        return self._batched(
+            lambda a, b: structural_similarity_index_measure(a, b, data_range=1.0, reduction="none"), x, y
+        )
 
     def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         d = self.lpips(x, y)
@@ -235,7 +264,7 @@ def _edit_layout(layout: Layout, kind: str) -> Layout | None:
 # --------------------------------------------------------------------------------------------
 # Running the tests
 # --------------------------------------------------------------------------------------------
-@torch.no_grad()
+@torch.inference_mode()
 def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, text=None, image_rows=None):
     """Images `(len(rows), 3, H, W)` in [0, 1] for samples `rows` of `bucket`, batched.
 
@@ -251,8 +280,8 @@ def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, 
             embeds, mask = bucket.text_embeds[r], bucket.text_mask[r]
         else:
             embeds, mask = text[0][s : s + len(r)], text[1][s : s + len(r)]
-        out.append(
-            pipe(
+        with _autocast(pipe, sampling):
+            images = pipe(
                 prompt_embeds=embeds,
                 prompt_attention_mask=mask,
                 image_embeds=bucket.image_embeds[ir],
@@ -265,11 +294,11 @@ def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, 
                 guidance_mode=sampling.guidance_mode,
                 output_type="latent",
             ).images
-        )
+        out.append(images.float())
     return decode(pipe, torch.cat(out), sampling.decode_batch_size)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def decode(pipe, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """Model-space latents -> images `(N, 3, H, W)` in [0, 1] on the CPU, `chunk` at a time."""
     dtype = pipe.transformer.dtype if pipe.vae is None else pipe.vae.dtype
@@ -280,7 +309,7 @@ def decode(pipe, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     return torch.cat(parts)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def run_validation(
     pipe,
     buckets: list[CachedBucket],
@@ -296,6 +325,7 @@ def run_validation(
     for name in TESTS:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
+    prepare_for_sampling(pipe, sampling)
     results = {
         "step": step,
         **(info or {}),

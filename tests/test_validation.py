@@ -10,12 +10,22 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import load_train_script
+from conftest import load_train_script, randomize_
+from diffusers import FlowMatchEulerDiscreteScheduler
 
+from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
 from nano_dit.feature_cache import CachedBucket
 from nano_dit.report import FAIL, PASS, WARN, Thresholds, evaluate, verdict
 from nano_dit.synthetic import COLORS, SHAPES, synthetic_samples
-from nano_dit.validation import ImageMetrics, caption_edits, swap_pairs
+from nano_dit.validation import (
+    ImageMetrics,
+    SamplingConfig,
+    caption_edits,
+    generate,
+    prepare_for_sampling,
+    run_validation,
+    swap_pairs,
+)
 
 train_nano_dit = load_train_script()
 EXCLUSIVE = "exclusive-bag100:both=70,none=10,text_only=10,image_only=10"
@@ -280,11 +290,6 @@ def test_validating_during_training_leaves_the_training_unchanged(tmp_path, stan
 
 
 def test_validation_covers_every_bucket_of_a_multi_aspect_set(tmp_path, tiny_config):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
-    from nano_dit.validation import SamplingConfig, run_validation
-
     config = dict(tiny_config, in_channels=3, text_embed_dim=8, image_embed_dim=8)
     pipe = NanoDiTPipeline(
         transformer=NanoDiTTransformer2DModel(**config), scheduler=FlowMatchEulerDiscreteScheduler()
@@ -306,3 +311,48 @@ def test_validation_covers_every_bucket_of_a_multi_aspect_set(tmp_path, tiny_con
     # an untrained model predicts v = 0: its output is the (clamped) starting noise, worse than the mean
     recon = results["reconstruction"]
     assert recon["mse"] > recon["data_variance"] > 0
+
+
+def test_metrics_do_not_depend_on_how_the_images_are_chunked():
+    metrics = ImageMetrics(backbone="random", chunk=32)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(5, 3, 32, 32, generator=g), torch.rand(5, 3, 32, 32, generator=g)
+    whole = metrics.compare(x, y)
+    metrics.chunk = 2  # three device calls of 2, 2 and 1 images
+    chunked = metrics.compare(x, y)
+    assert all(chunked[k] == pytest.approx(whole[k], rel=1e-5) for k in ("lpips", "psnr", "ssim"))
+    assert metrics.distance(x, y).shape == (5,)
+
+
+def _tiny_pipe(tiny_config):
+    config = dict(tiny_config, in_channels=3, text_embed_dim=8, image_embed_dim=8)
+    transformer = randomize_(NanoDiTTransformer2DModel(**config)).eval()
+    return NanoDiTPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler())
+
+
+def test_compiled_validation_sampling_matches_the_plain_one(tiny_config):
+    pipe = _tiny_pipe(tiny_config)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    bucket = _bucket([{"key": f"k{i}", "caption": "a cat"} for i in range(4)])
+    bucket.latents = torch.zeros(4, 3, 16, 16)
+    bucket.image_embeds = torch.randn(4, 8, generator=g)
+    bucket.text_embeds = torch.randn(4, 4, 8, generator=g)
+    noise = torch.randn(4, 3, 16, 16, generator=g)
+    names = list(pipe.transformer.state_dict())
+
+    plain = generate(pipe, bucket, range(4), noise, SamplingConfig(num_inference_steps=3, batch_size=4))
+    graphs = []
+
+    def backend(gm, example_inputs):  # dynamo's capture, run as captured: counts graphs, no codegen
+        graphs.append(gm)
+        return gm.forward
+
+    sampling = SamplingConfig(num_inference_steps=3, batch_size=4, compile=True, compile_backend=backend)
+    prepare_for_sampling(pipe, sampling)
+    prepare_for_sampling(pipe, sampling)  # once only
+    compiled = generate(pipe, bucket, range(4), noise, sampling)
+    assert len(graphs) == 1  # the whole transformer forward is one graph: no breaks
+    assert torch.allclose(compiled, plain, atol=1e-5)
+    assert compiled.is_inference()  # sampled under torch.inference_mode
+    assert list(pipe.transformer.state_dict()) == names  # no `_orig_mod.` in anything saved
