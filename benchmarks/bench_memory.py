@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from shapes import IMAGE_DIM, TEXT_DIM, TEXT_TOKENS, build_model, random_inputs
 
-from nano_dit import FlowMatching, NanoDiTTransformer2DModel
+from nano_dit import FlowMatching
 from nano_dit.training import PRESETS
 
 MB = 2**20
@@ -31,14 +32,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="nano")
     parser.add_argument("--latent-size", type=int, default=64, help="latent side (default 64: 512² through the VAE)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
-    parser.add_argument("--text-tokens", type=int, default=128, help="T5 tokens per caption (default 128, the cap)")
-    parser.add_argument("--text-dim", type=int, default=768, help="T5 width (default 768: t5-v1_1-base)")
-    parser.add_argument("--image-dim", type=int, default=384, help="DINOv3 width (default 384: ViT-S/16)")
+    parser.add_argument(
+        "--text-tokens", type=int, default=TEXT_TOKENS, help="T5 tokens per caption (default: the cap)"
+    )
+    parser.add_argument("--text-dim", type=int, default=TEXT_DIM, help="T5 width (default: t5-v1_1-base's)")
+    parser.add_argument("--image-dim", type=int, default=IMAGE_DIM, help="DINOv3 width (default: ViT-S/16's)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--budgets-gb", type=float, nargs="*", default=[4, 8], help="report the largest batch predicted to fit each"
+    )
     return parser.parse_args()
 
 
-def saved_activation_bytes(model: torch.nn.Module, batch: int, args: argparse.Namespace) -> int:
+def saved_activation_bytes(
+    model: torch.nn.Module, batch: int, latent_size: int, text_tokens: int = TEXT_TOKENS
+) -> int:
     """Bytes autograd keeps for backward in one forward (each storage once, parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -50,12 +58,7 @@ def saved_activation_bytes(model: torch.nn.Module, batch: int, args: argparse.Na
         return t
 
     g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(batch, model.config.in_channels, args.latent_size, args.latent_size, generator=g)
-    cond = {
-        "encoder_hidden_states": torch.randn(batch, args.text_tokens, args.text_dim, generator=g),
-        "encoder_attention_mask": torch.ones(batch, args.text_tokens, dtype=torch.long),
-        "image_embeds": torch.randn(batch, args.image_dim, generator=g),
-    }
+    x0, cond = random_inputs(model, batch, latent_size, text_tokens, generator=g)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = FlowMatching().loss(model, x0, generator=g, **cond).loss
     loss.backward()  # the graph was real: free it the normal way
@@ -64,19 +67,12 @@ def saved_activation_bytes(model: torch.nn.Module, batch: int, args: argparse.Na
 
 def main() -> None:
     args = parse_args()
-    config = dict(
-        PRESETS[args.preset]["model"],
-        in_channels=16,
-        sample_size=args.latent_size,
-        text_embed_dim=args.text_dim,
-        image_embed_dim=args.image_dim,
-    )
-    model = NanoDiTTransformer2DModel(**config).train()
+    model = build_model(args.preset, args.latent_size, args.text_dim, args.image_dim).train()
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     n = model.num_parameters()
     static = 20 * n  # fp32 weights, gradients, two AdamW moments, EMA
-    tokens = (args.latent_size // config["patch_size"]) ** 2
+    tokens = (args.latent_size // model.config.patch_size) ** 2
     print(
         f"# {args.preset} preset: {n / 1e6:.2f}M parameters, {tokens} image tokens + {args.text_tokens} text tokens"
         f"{', gradient checkpointing' if args.gradient_checkpointing else ''}"
@@ -84,10 +80,20 @@ def main() -> None:
     print(f"weights + gradients + AdamW + EMA (fp32): {static / MB:.0f} MB")
     print("| batch | activations fp32 (MB) | activations bf16, est. (MB) | predicted total, bf16 (MB) |")
     print("| ---: | ---: | ---: | ---: |")
+    per_sample = []
     for batch in args.batch_sizes:
-        acts = saved_activation_bytes(model, batch, args)
+        acts = saved_activation_bytes(model, batch, args.latent_size, args.text_tokens)
         model.zero_grad(set_to_none=True)
+        per_sample.append(acts / 2 / batch)
         print(f"| {batch} | {acts / MB:.0f} | {acts / 2 / MB:.0f} | {(static + acts / 2) / MB:.0f} |")
+    for gb in args.budgets_gb:
+        fits = largest_batch(static, max(per_sample), gb * 2**30)
+        print(f"largest batch predicted to fit in {gb:g} GB (bf16): {fits}")
+
+
+def largest_batch(static_bytes: float, bytes_per_sample: float, budget_bytes: float) -> int:
+    """The largest batch whose predicted memory (static + batch x per-sample activations) fits."""
+    return max(int((budget_bytes - static_bytes) // bytes_per_sample), 0)
 
 
 if __name__ == "__main__":

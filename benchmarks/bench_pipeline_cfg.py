@@ -17,8 +17,9 @@ import time
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from shapes import build_model, sync
 
-from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
+from nano_dit import NanoDiTPipeline
 from nano_dit.pipelines.pipeline_nano_dit import BRANCHES, guidance_weights
 from nano_dit.training import PRESETS
 
@@ -39,11 +40,8 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = dict(PRESETS[args.preset]["model"], in_channels=16, sample_size=args.latent_size)
-    model = NanoDiTTransformer2DModel(**config).to(device).eval()
-    with torch.no_grad():  # random weights everywhere (zero-initialised layers would make v = 0)
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    # random weights everywhere (zero-initialised layers would make v = 0)
+    model = build_model(args.preset, args.latent_size, randomize=True).to(device).eval()
     pipe = NanoDiTPipeline(transformer=model, scheduler=FlowMatchEulerDiscreteScheduler()).to(device)
     pipe.set_progress_bar_config(disable=True)
     b, text_len = args.batch_size, 64
@@ -55,10 +53,6 @@ def main() -> None:
     weights = guidance_weights(args.guidance_mode, 3.0, 2.0)
     k = len(weights)
     latents = torch.randn(b, 16, args.latent_size, args.latent_size, device=device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     @torch.no_grad()
     def dual_cfg():  # the pipeline itself: K branches in one forward per step
@@ -93,10 +87,10 @@ def main() -> None:
     times = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():
-            sync()
+            sync(device)
             start = time.perf_counter()
             fn()
-            sync()
+            sync(device)
             times[name].append((time.perf_counter() - start) / args.steps)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"{args.preset} model, {k} branches x batch {b}, {args.latent_size}² latents, {device}, "

@@ -1,13 +1,19 @@
-"""Training-step throughput: steps/s, samples/s, achieved FLOP/s and MFU, peak memory; eager and
-compiled.
+"""Training-step throughput: steps/s, samples/s, achieved FLOP/s and MFU, peak memory; eager,
+compiled, and without the fused kernels; the largest batch that fits a memory budget.
 
-    python benchmarks/bench_train.py                                   # CPU: nano model, 16² latents
-    python benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 16 --compile
+    python benchmarks/bench_train.py --compile --unfused              # CPU: nano model, 16² latents
+    python benchmarks/bench_train.py --device cuda --latent-size 64 --compile --fit-gb 4 8
 
-One step = forward + backward (bf16 autocast on CUDA) + fused AdamW + EMA update, on random tensors
-of the real shapes (nothing downloaded). FLOPs are counted once per configuration with
+One step = forward + backward (bf16 autocast on CUDA) + AdamW + EMA update, on random tensors of
+the real shapes (benchmarks/shapes.py: nothing downloaded). "eager" is the trainer's path (fused
+AdamW, EMA with `foreach`); "unfused" the same step with a per-parameter AdamW and EMA loop, for
+the ratio the fused kernels buy. FLOPs are counted once per configuration with
 `torch.utils.flop_counter.FlopCounterMode`; MFU divides the achieved rate by the device's matmul
-rate measured in the same run (bf16 on CUDA, fp32 on CPU). Prints one table.
+rate measured in the same run (bf16 on CUDA, fp32 on CPU).
+
+`--fit-gb`: on CUDA, the largest batch whose measured peak (`torch.cuda.max_memory_allocated`)
+stays within each budget, found from peaks at batch 8 and 16 and checked by running it; on a CPU,
+the prediction of benchmarks/bench_memory.py at the same shapes. Prints one table.
 """
 
 from __future__ import annotations
@@ -18,10 +24,13 @@ import time
 
 import torch
 from diffusers.training_utils import EMAModel
+from shapes import TEXT_TOKENS, build_model, random_inputs, sync
 from torch.utils.flop_counter import FlopCounterMode
 
-from nano_dit import FlowMatching, NanoDiTTransformer2DModel
+from nano_dit import FlowMatching
 from nano_dit.training import PRESETS
+
+GB = 2**30
 
 
 def parse_args() -> argparse.Namespace:
@@ -31,6 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (after 3 warm-up)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    parser.add_argument("--unfused", action="store_true", help="also time per-parameter AdamW and EMA updates")
+    parser.add_argument("--fit-gb", type=float, nargs="*", default=[], help="largest batch within each budget (GiB)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args()
 
@@ -41,33 +52,23 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync(device)
     start, reps = time.perf_counter(), 20 if device.type == "cuda" else 5
     for _ in range(reps):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def run(args, batch: int, compiled: bool, device: torch.device) -> dict:
-    config = dict(PRESETS[args.preset]["model"], in_channels=16, sample_size=args.latent_size)
-    config.update(text_embed_dim=768, image_embed_dim=384)
-    model = NanoDiTTransformer2DModel(**config).to(device).train()
-    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, foreach=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    forward = torch.compile(model) if compiled else model
+def make_step(args, batch: int, mode: str, device: torch.device):
+    """One training step of `mode` ("eager", "compiled", "unfused") at `batch`, and its FLOP count."""
+    model = build_model(args.preset, args.latent_size).to(device).train()
+    fused = mode != "unfused"
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, foreach=fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=False if not fused else None)
+    forward = torch.compile(model) if mode == "compiled" else model
     objective = FlowMatching()
-    x0 = torch.randn(batch, 16, args.latent_size, args.latent_size, device=device)
-    cond = {
-        "encoder_hidden_states": torch.randn(batch, 128, 768, device=device),
-        "encoder_attention_mask": torch.ones(batch, 128, dtype=torch.long, device=device),
-        "image_embeds": torch.randn(batch, 384, device=device),
-    }
+    x0, cond = random_inputs(model, batch, args.latent_size, TEXT_TOKENS, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
@@ -78,24 +79,74 @@ def run(args, batch: int, compiled: bool, device: torch.device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         ema.step(model.parameters())
 
-    with FlopCounterMode(display=False) as counter, autocast:
-        objective.loss(model, x0, **cond).loss.backward()
-    flops = counter.get_total_flops()
-    optimizer.zero_grad(set_to_none=True)
+    def flops() -> int:
+        with FlopCounterMode(display=False) as counter, autocast:
+            objective.loss(model, x0, **cond).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    return step, flops
+
+
+def time_step(args, batch: int, mode: str, device: torch.device) -> dict:
+    step, flops = make_step(args, batch, mode, device)
+    count = flops()
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(3):
         step()
     times = []
     for _ in range(args.steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    return {"step_s": seconds, "flops": flops, "peak_mb": peak}
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"step_s": statistics.median(times), "flops": count, "peak": peak}
+
+
+def measured_peak(args, batch: int, device: torch.device) -> float:
+    """Peak bytes of two eager steps at `batch` on CUDA (inf when it runs out of memory)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step, _ = make_step(args, batch, "eager", device)
+        for _ in range(2):
+            step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device)
+    except torch.cuda.OutOfMemoryError:
+        return float("inf")
+    finally:
+        step = None
+        torch.cuda.empty_cache()
+
+
+def largest_batch_measured(budget: float, peak) -> int:
+    """The largest batch whose peak memory `peak(batch)` fits `budget`: a guess from the line
+    through the peaks at 8 and 16, then checked one batch up or down at a time (each check is a
+    run: memoise `peak`)."""
+    per_sample = (peak(16) - peak(8)) / 8
+    b = max(int((budget - (peak(8) - 8 * per_sample)) // per_sample), 1)
+    while peak(b) > budget and b > 1:
+        b -= 1
+    if peak(b) > budget:
+        return 0
+    while peak(b + 1) <= budget:
+        b += 1
+    return b
+
+
+def largest_batch_predicted(args, budget: float) -> tuple[int, float]:
+    """benchmarks/bench_memory.py's prediction at these shapes: (batch, predicted bytes)."""
+    from bench_memory import largest_batch, saved_activation_bytes
+
+    model = build_model(args.preset, args.latent_size).train()
+    static = 20 * model.num_parameters()
+    per_sample = saved_activation_bytes(model, 8, args.latent_size) / 2 / 8  # bf16: half the fp32 bytes
+    b = largest_batch(static, per_sample, budget)
+    return b, static + b * per_sample
 
 
 def main() -> None:
@@ -104,24 +155,39 @@ def main() -> None:
     peak_rate = matmul_rate(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     tokens = (args.latent_size // PRESETS[args.preset]["model"]["patch_size"]) ** 2
     print(
-        f"# {args.preset} preset, {tokens} image tokens, {device} "
-        f"(matmul {peak_rate / 1e12:.2f} TFLOP/s {'bf16' if device.type == 'cuda' else 'fp32'})"
+        f"# {args.preset} preset, {tokens} image tokens, {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        f"matmul {peak_rate / 1e12:.2f} TFLOP/s {'bf16' if device.type == 'cuda' else 'fp32'}; medians of {args.steps}"
     )
     print("| mode | batch | steps/s | samples/s | TFLOP/s | MFU | peak memory |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    modes = ["eager"] + ["compiled"] * args.compile + ["unfused"] * args.unfused
     eager = {}
-    for compiled in (False, True) if args.compile else (False,):
+    for mode in modes:
         for batch in args.batch_sizes:
-            r = run(args, batch, compiled, device)
+            r = time_step(args, batch, mode, device)
             rate = r["flops"] / r["step_s"]
-            peak = f"{r['peak_mb']:.0f} MB" if r["peak_mb"] is not None else "–"
-            mode = "compiled" if compiled else "eager"
-            ratio = f" ({eager[batch] / r['step_s']:.2f}× eager)" if compiled else ""
             eager.setdefault(batch, r["step_s"])
+            ratio = f" ({eager[batch] / r['step_s']:.2f}× eager)" if mode != "eager" else ""
+            peak = f"{r['peak'] / 2**20:.0f} MB" if r["peak"] is not None else "–"
             print(
                 f"| {mode}{ratio} | {batch} | {1 / r['step_s']:.2f} | {batch / r['step_s']:.1f} | "
                 f"{rate / 1e12:.3f} | {rate / peak_rate:.0%} | {peak} |"
             )
+    peaks = {}
+
+    def peak(b: int) -> float:
+        if b not in peaks:
+            peaks[b] = measured_peak(args, b, device)
+        return peaks[b]
+
+    for gb in args.fit_gb:
+        if device.type == "cuda":
+            b = largest_batch_measured(gb * GB, peak)
+            print(f"| largest batch in {gb:g} GiB (measured) | {b} | | | | | {peaks.get(b, 0) / 2**20:.0f} MB |")
+        else:
+            b, predicted = largest_batch_predicted(args, gb * GB)
+            print(f"| largest batch in {gb:g} GiB (predicted) | {b} | | | | | {predicted / 2**20:.0f} MB (pred.) |")
 
 
 if __name__ == "__main__":

@@ -1,35 +1,45 @@
 #!/usr/bin/env bash
-# One prepared GPU check: install what is missing (nothing, when the project is installed), then
-# the memory prediction beside the measured peak, and the pipeline's guided-step cost, on the card.
-# Prints tables; under 5 minutes on one modern GPU. Usage: bash benchmarks/gpu_check.sh
+# One prepared GPU check, meant to take under 5 minutes on one modern card (each step has a timeout): installs nothing the environment
+# already has, then prints the tables the README quotes, with the card's name:
+#   1. bench_train: the nano preset at 512² (64² latents), batch 8, eager / compiled / unfused,
+#      peak memory, and the largest batch measured to fit in 4 and 8 GiB;
+#   2. bench_memory: the CPU-side prediction of the same step, beside it;
+#   3. bench_validate: one full validation (100 images at 512², 50 steps), eager and compiled;
+#   4. bench_pipeline_cfg: the dual-CFG step against a plain forward;
+#   5. the tests that need CUDA (the pinned-memory batch path);
+#   6. the seed run projected from 1 and 3: 5,000 steps at batch 8 + 5 validations.
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (each table also lands in OUT_DIR, default gpu_check/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import nano_dit" 2>/dev/null || pip install -q -e .
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python - <<'PY'
-import torch
-from nano_dit import FlowMatching, NanoDiTTransformer2DModel
-from nano_dit.training import PRESETS
+out="${1:-gpu_check}"
+mkdir -p "$out"
+python -c "import nano_dit, lpips" 2>/dev/null || pip install -q -e ".[dev]"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+run() {  # run NAME CMD...: print and keep its table; a failing bench does not hide the others
+  local name="$1"; shift
+  echo "## $name: $*"
+  { "$@" 2>&1 || echo "($name failed with status $?)"; } | grep -v -e "^W[0-9]" -e "^  warnings.warn" | tee "$out/$name.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" | tee -a "$out/gpu.txt"
+run bench_train timeout 120 python benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 --compile --unfused --fit-gb 4 8
+run bench_memory timeout 45 python benchmarks/bench_memory.py --batch-sizes 8 16
+run bench_validate timeout 150 python benchmarks/bench_validate.py --device cuda --compile
+run bench_pipeline_cfg timeout 30 python benchmarks/bench_pipeline_cfg.py --device cuda --latent-size 64 --batch-size 4 --repeats 5
+run gpu_tests timeout 45 python -m pytest -q tests/test_cached_batches.py
+python - "$out" <<'PY'
+import re, sys
+from pathlib import Path
 
-# Measured peak memory of one bf16-autocast training step (fp32 weights, fused AdamW, EMA copy).
-for batch in (8, 16, 32):
-    torch.cuda.reset_peak_memory_stats()
-    model = NanoDiTTransformer2DModel(**PRESETS["nano"]["model"], in_channels=16, sample_size=64,
-                                      text_embed_dim=768, image_embed_dim=384).cuda()
-    ema = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x0 = torch.randn(batch, 16, 64, 64, device="cuda")
-    cond = dict(encoder_hidden_states=torch.randn(batch, 128, 768, device="cuda"),
-                encoder_attention_mask=torch.ones(batch, 128, dtype=torch.long, device="cuda"),
-                image_embeds=torch.randn(batch, 384, device="cuda"))
-    for _ in range(3):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = FlowMatching().loss(model, x0, **cond).loss
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    print(f"| {batch} | measured peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MB |")
-    del model, opt, ema
+out = Path(sys.argv[1])
+def rows(name):
+    text = (out / f"{name}.txt").read_text() if (out / f"{name}.txt").exists() else ""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+steps = {r[0].split(" ")[0]: float(r[2]) for r in rows("bench_train") if len(r) > 2 and r[1] == "8" and re.match(r"[\d.]+$", r[2])}
+val = {r[0]: float(r[2]) for r in rows("bench_validate") if len(r) > 2 and r[1] == "warm"}
+for mode in ("eager", "compiled"):
+    if mode in steps and mode in val:
+        total = 5000 / steps[mode] + 5 * val[mode]
+        print(f"seed run projected, {mode}: 5,000 steps at {steps[mode]:.1f} steps/s = {5000 / steps[mode]:.0f} s"
+              f" + 5 validations x {val[mode]:.1f} s = {total / 60:.1f} min (target <= 3 min on one H100)")
 PY
-python benchmarks/bench_memory.py --batch-sizes 8 16 32
-python benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 16 32 --compile
-python benchmarks/bench_pipeline_cfg.py --device cuda --latent-size 64 --batch-size 4 --repeats 5
