@@ -39,7 +39,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image-dim", type=int, default=IMAGE_DIM, help="DINOv3 width (default: ViT-S/16's)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument(
-        "--budgets-gb", type=float, nargs="*", default=[4, 8], help="report the largest batch predicted to fit each"
+        "--budgets-gb",
+        type=float,
+        nargs="*",
+        default=[4, 8],
+        help="report the largest batch predicted to fit in each (GiB)",
     )
     return parser.parse_args()
 
@@ -88,7 +92,7 @@ def main() -> None:
         print(f"| {batch} | {acts / MB:.0f} | {acts / 2 / MB:.0f} | {(static + acts / 2) / MB:.0f} |")
     for gb in args.budgets_gb:
         fits = largest_batch(static, max(per_sample), gb * 2**30)
-        print(f"largest batch predicted to fit in {gb:g} GB (bf16): {fits}")
+        print(f"largest batch predicted to fit in {gb:g} GiB (bf16): {fits}")
 
 
 def largest_batch(static_bytes: float, bytes_per_sample: float, budget_bytes: float) -> int:

@@ -352,10 +352,9 @@ class CachedBatches:
 
     `on_device`: True keeps the whole cache on `device` and indexes it there (no DataLoader, no
     copy per step: the fast path, and the natural one for the seed's 100 images, tens of MB);
-    False keeps it in host memory and copies each batch with `non_blocking` (gathered into pinned
-    memory on CUDA);
-    None (default) chooses the device when the cache takes at most a quarter of the free device
-    memory. Both give the same batches for a seed.
+    False keeps it in host memory and copies each batch without blocking (gathered into pinned
+    memory on CUDA); None (default) chooses the device when the cache takes at most a quarter of
+    the free device memory. Both give the same batches for a seed.
     """
 
     FIELDS = ("latents", "text_embeds", "text_mask", "image_embeds", "image_tokens")
