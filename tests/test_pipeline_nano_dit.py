@@ -194,6 +194,30 @@ def test_load_with_torch_dtype(tiny_model, tmp_path):
     assert isinstance(pipe.transformer, NanoDiTTransformer2DModel)
 
 
+def test_a_bf16_pipeline_samples_close_to_fp32_and_a_compiled_one_saves_plain_names(tiny_model, tiny_config, tmp_path):
+    conditions = _conditions(tiny_config)
+
+    def run(pipe):
+        return pipe(
+            **conditions, num_inference_steps=3, output_type="latent", generator=torch.Generator().manual_seed(0)
+        ).images
+
+    reference = run(_pipe(tiny_model))
+    _pipe(tiny_model).save_pretrained(tmp_path / "fp32")
+    half = NanoDiTPipeline.from_pretrained(tmp_path / "fp32", torch_dtype=torch.bfloat16)
+    assert half.transformer.dtype == torch.bfloat16
+    assert (run(half).float() - reference).abs().max() < 0.1 * reference.abs().max()  # bf16 tolerance
+
+    graphs = []
+    pipe = _pipe(tiny_model)
+    pipe.transformer.compile(backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    assert torch.allclose(run(pipe), reference, atol=1e-5) and len(graphs) == 1
+    pipe.save_pretrained(tmp_path / "compiled")
+    reloaded = NanoDiTPipeline.from_pretrained(tmp_path / "compiled")
+    assert reloaded.transformer.state_dict().keys() == tiny_model.state_dict().keys()  # no `_orig_mod.`
+    assert torch.equal(run(reloaded), reference)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
