@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 from conftest import TINY_CONFIG, make_inputs, randomize_
@@ -212,3 +214,30 @@ def test_conditioning_in_another_dtype_is_cast_to_the_model_dtype(tiny_model, ti
     for key in ("encoder_hidden_states", "image_embeds"):
         inputs[key] = inputs[key].double()
     torch.testing.assert_close(_run(tiny_model, **inputs), reference)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler"
+)
+def test_the_inductor_compiled_model_matches_eager_in_fp32_and_within_bf16_tolerance(tiny_config):
+    """What --compile runs (torch.compile, inductor: generated kernels), against the eager model."""
+    torch._dynamo.reset()
+    model = randomize_(NanoDiTTransformer2DModel(**tiny_config))
+    compiled = torch.compile(model, dynamic=False)
+    inputs = make_inputs(tiny_config, batch=2)
+
+    def forward_backward(m, autocast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = m(**inputs).sample
+        out.float().square().mean().backward()
+        return out.float(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    # All gradients as one vector: some are zero in exact arithmetic (a key bias shifts every
+    # logit of a query alike, and softmax ignores that), so only their rounding noise is compared.
+    for autocast, tol in ((False, 1e-4), (True, 3e-2)):  # fp32; bf16 keeps ~3 significant digits
+        out, grads = forward_backward(model, autocast)
+        out_c, grads_c = forward_backward(compiled, autocast)
+        assert (out_c - out).abs().max() <= tol * out.abs().max()
+        assert (grads_c - grads).norm() <= tol * grads.norm()
