@@ -9,25 +9,39 @@
 #   5. the tests that need CUDA (the pinned-memory batch path);
 #   6. the seed run projected from 1 and 3: 5,000 steps at batch 8 + 5 validations.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (each table also lands in OUT_DIR, default gpu_check/)
+#
+# A GPU machine with no network (PyTorch, transformers, accelerate present; the rest not): on a
+# machine with pip access, put the missing pure-Python wheels and this project's own in .whl/,
+#   pip download --no-deps --only-binary=:all: -d .whl diffusers lpips webdataset braceexpand importlib_metadata
+#   pip wheel --no-deps -w .whl .
+# and bring .whl/ along: they are installed from there, offline, into a scratch folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu_check}"
 mkdir -p "$out"
-python -c "import nano_dit, lpips" 2>/dev/null || pip install -q -e ".[dev]"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+py="${PYTHON:-python3}"
+if ! "$py" -c "import nano_dit.pipelines, lpips, webdataset" 2>/dev/null; then
+  if [ -d .whl ]; then
+    "$py" -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/nano_dit_site .whl/*.whl
+    export PYTHONPATH="/tmp/nano_dit_site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    "$py" -m pip install -q -e ".[dev]"
+  fi
+fi
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1  # rows survive a timeout
 run() {  # run NAME CMD...: print and keep its table; a failing bench does not hide the others
   local name="$1"; shift
   echo "## $name: $*"
   { "$@" 2>&1 || echo "($name failed with status $?)"; } | grep -v -e "^W[0-9]" -e "^  warnings.warn" | tee "$out/$name.txt"
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" | tee -a "$out/gpu.txt"
-run bench_train timeout 120 python benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 --compile --unfused --fit-gb 4 8
-run bench_memory timeout 45 python benchmarks/bench_memory.py --batch-sizes 8 16
-run bench_validate timeout 150 python benchmarks/bench_validate.py --device cuda --compile
-run bench_pipeline_cfg timeout 30 python benchmarks/bench_pipeline_cfg.py --device cuda --latent-size 64 --batch-size 4 --repeats 5
-run gpu_tests timeout 45 python -m pytest -q tests/test_cached_batches.py
-python - "$out" <<'PY'
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "(no nvidia-smi)"; } | tee "$out/gpu.txt"
+"$py" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" | tee -a "$out/gpu.txt"
+run bench_train timeout 120 "$py" benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 --compile --unfused --fit-gb 4 8
+run bench_memory timeout 45 "$py" benchmarks/bench_memory.py --batch-sizes 8 16
+run bench_validate timeout 150 "$py" benchmarks/bench_validate.py --device cuda --compile
+run bench_pipeline_cfg timeout 30 "$py" benchmarks/bench_pipeline_cfg.py --device cuda --latent-size 64 --batch-size 4 --repeats 5
+run gpu_tests timeout 45 bash -c "cd tests && $py -m pytest -q -p no:cacheprovider test_cached_batches.py"
+"$py" - "$out" <<'PY'
 import re, sys
 from pathlib import Path
 
