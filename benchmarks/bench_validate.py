@@ -33,7 +33,7 @@ from nano_dit.encoders import make_stand_in_encoders
 from nano_dit.feature_cache import CachedBucket
 from nano_dit.synthetic import synthetic_samples
 from nano_dit.training import PRESETS
-from nano_dit.validation import ImageMetrics, SamplingConfig, run_validation
+from nano_dit.validation import ImageMetrics, SamplingConfig, caption_edits, run_validation, swap_pairs
 
 
 def parse_args() -> argparse.Namespace:
@@ -121,7 +121,8 @@ def main() -> None:
         pipe = build_pipeline(args, Path(tmp) / "encoders", device)
         buckets = synthetic_cache(args, pipe)
         metrics = ImageMetrics(device, backbone="random")
-        sampled = args.images + 5 + 5  # reconstructions, DINO swaps, text edits
+        bucket = buckets[0]  # reconstructions, DINO swaps, text edits
+        sampled = len(bucket) + len(swap_pairs(bucket)) + len(caption_edits(bucket))
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(
             f"# one full validation: {args.preset} transformer ({pipe.transformer.num_parameters() / 1e6:.1f}M), "
