@@ -216,6 +216,7 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
         range(config.total_steps), initial=start_step, disable=not accelerator.is_main_process, desc="train"
     )
     start, pending, bad_in_a_row = time.perf_counter(), [], 0
+    samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     bin_sums = bin_counts = torch.zeros(SIGMA_BINS, device=accelerator.device)
     for step in range(start_step + 1, config.total_steps + 1):
         try:
@@ -223,28 +224,24 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
         except torch.cuda.OutOfMemoryError as err:  # (torch.OutOfMemoryError in newer torch)
             raise OutOfMemory(out_of_memory_message(config, step, ckpt_dir)) from err
         progress.update(1)
+        # One record per step, kept on the device; the host syncs only at logging intervals.
+        lr, decay = run["lr_scheduler"].get_last_lr()[0], run["ema"].cur_decay_value
+        pending.append((step, loss, grad_norm, lr, decay, not applied))
         bad_in_a_row = 0 if applied else bad_in_a_row + 1
         if not applied:
             accelerator.print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
             if bad_in_a_row >= config.max_bad_steps:
-                pending.append((step, loss, grad_norm, run["lr_scheduler"].get_last_lr()[0], 0.0, True))
-                for record in flush_records(pending, config.batch_size, time.perf_counter() - start):
-                    log.write(record)  # the log keeps every step up to the stop, for the report
+                # the log keeps every step up to the stop, for the report
+                write_records(log, pending, samples_per_step, time.perf_counter() - start)
                 run["validator"].report_stopped()
                 raise RuntimeError(
                     f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (the last at step {step}): "
                     f"stopping. Lower --peak-lr or check the data; resume from the last checkpoint in {ckpt_dir}"
                 )
-        # One record per step, kept on the device; the host syncs only at logging intervals.
-        lr, decay = run["lr_scheduler"].get_last_lr()[0], run["ema"].cur_decay_value
-        pending.append((step, loss, grad_norm, lr, decay, not applied))
         bin_sums, bin_counts = bin_sums + bins[0], bin_counts + bins[1]
         validating = config.validation and (step % config.validation_every == 0 or step == config.total_steps)
         if step % config.log_every == 0 or step % config.checkpoint_every == 0 or validating:
-            seconds = time.perf_counter() - start
-            records = flush_records(pending, config.batch_size * accelerator.num_processes, seconds)
-            for record in records:
-                log.write(record)
+            records = write_records(log, pending, samples_per_step, time.perf_counter() - start)
             scalars = {k: records[-1][k] for k in ("loss", "grad_norm", "lr", "ema_decay", "samples_per_s")}
             by_sigma = (bin_sums / bin_counts.clamp(min=1)).tolist()  # mean loss per σ bin since the last log
             scalars.update(
@@ -311,13 +308,14 @@ def optimizer_step(config: TrainConfig, run: dict, objective, batches, cfg_dropo
     return loss, grad_norm.detach(), applied, bins
 
 
-def flush_records(pending: list, samples_per_step: int, seconds: float) -> list[dict]:
-    """Turn the buffered per-step values into log records with one host sync for all of them."""
+def write_records(log, pending: list, samples_per_step: int, seconds: float) -> list[dict]:
+    """Turn the buffered per-step values into log records with one host sync for all of them,
+    write them to `log` and return them."""
     losses = torch.stack([p[1] for p in pending]).float().tolist()
     norms = torch.stack([p[2] for p in pending]).float().tolist()
     rate = samples_per_step * len(pending) / max(seconds, 1e-9)
     now = time.time()
-    return [
+    records = [
         {
             "step": step,
             "loss": loss,
@@ -330,6 +328,9 @@ def flush_records(pending: list, samples_per_step: int, seconds: float) -> list[
         }
         for (step, _, _, lr, decay, skipped), loss, norm in zip(pending, losses, norms)
     ]
+    for record in records:
+        log.write(record)
+    return records
 
 
 class Validator:
