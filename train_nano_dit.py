@@ -29,6 +29,7 @@ from nano_dit import FlowMatching, NanoDiTTransformer2DModel
 from nano_dit.checkpointing import (
     check_replicas_agree,
     check_resumable,
+    checkpoint_name,
     list_checkpoints,
     load_process_state,
     read_state,
@@ -37,7 +38,7 @@ from nano_dit.checkpointing import (
 )
 from nano_dit.feature_cache import load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
-from nano_dit.hub import build_pipeline, run_info, set_model_card
+from nano_dit.hub import build_pipeline, card_figures, run_info, set_model_card, validation_of
 from nano_dit.report import write_report
 from nano_dit.training import (
     CachedBatches,
@@ -154,13 +155,17 @@ def main(argv: list[str] | None = None) -> dict:
             ema.copy_to(final.parameters())  # the EMA weights are the ones we ship and sample
             validator.pipe = build_pipeline(final, config.encoder_spec())
         pipe, result = validator.pipe, validator.last
+        figures, sheet = card_figures(result), validator.sheet()
+        last = Path(ckpt_dir) / checkpoint_name(config.total_steps)
+        if not figures and last.exists():  # resumed with no step left: the last step's validation, if it ran
+            figures, sheet = validation_of(last, config.total_steps, config.output_dir)
         data = {
             "shards": config.shards,
             "samples": sum(len(b) for b in buckets),
             "buckets": [b.bucket for b in buckets],
         }
-        info = run_info(config, config.total_steps, cfg_dropout.scheme, data=data, results=card_figures(result))
-        set_model_card(pipe, info, validator.sheet(), repo_id=config.repo_id if config.push_to_hub else None)
+        info = run_info(config, config.total_steps, cfg_dropout.scheme, data=data, results=figures)
+        set_model_card(pipe, info, sheet, repo_id=config.repo_id if config.push_to_hub else None)
         final_dir = os.path.join(ckpt_dir, "checkpoint_final")
         pipe.save_pretrained(final_dir)
         accelerator.print(f"pipeline (EMA weights): {final_dir}")
@@ -394,24 +399,6 @@ class Validator:
         """The newest reconstruction sheet, for the model card."""
         path = self.folder / "reconstruction" / "sheet.png" if self.folder else None
         return Image.open(path) if path and path.exists() else None
-
-
-def card_figures(results: dict) -> dict:
-    """The headline figures of a validation (for the model card and the tracker)."""
-    if not results:
-        return {}
-    recon, swap, manip = results["reconstruction"], results["dino_swap"], results["text_manip"]
-    figures = {
-        "verdict": results.get("verdict"),
-        "reconstruction_lpips": recon["mean_lpips"],
-        "reconstruction_psnr": recon["mean_psnr"],
-        "reconstruction_ssim": recon["mean_ssim"],
-        "dino_swap_closer_to_b": swap.get("share_closer_to_b"),
-        "dino_swap_sensitivity": swap.get("mean_sensitivity"),
-        "text_sensitivity": manip.get("mean_sensitivity"),
-        "text_edits_followed": manip.get("share_followed"),
-    }
-    return {k: v for k, v in figures.items() if v is not None}
 
 
 if __name__ == "__main__":

@@ -66,8 +66,49 @@ def load_pipeline(checkpoint: str | Path) -> NanoDiTPipeline:
         for param, shadow in zip(transformer.parameters(), ema["shadow_params"], strict=True):
             param.copy_(shadow)
     pipe = build_pipeline(transformer, config.encoder_spec())
-    set_model_card(pipe, run_info(config, step=state["step"], cfg_dropout_scheme=state["cfg_dropout_scheme"]))
+    figures, sheet = validation_of(path, state["step"], config.output_dir)
+    info = run_info(config, step=state["step"], cfg_dropout_scheme=state["cfg_dropout_scheme"], results=figures)
+    set_model_card(pipe, info, sheet)
     return pipe
+
+
+def card_figures(results: dict) -> dict:
+    """The headline figures of a validation (for the model card and the tracker)."""
+    if not results:
+        return {}
+    recon, swap, manip = results["reconstruction"], results["dino_swap"], results["text_manip"]
+    figures = {
+        "verdict": results.get("verdict"),
+        "reconstruction_lpips": recon["mean_lpips"],
+        "reconstruction_psnr": recon["mean_psnr"],
+        "reconstruction_ssim": recon["mean_ssim"],
+        "dino_swap_closer_to_b": swap.get("share_closer_to_b"),
+        "dino_swap_sensitivity": swap.get("mean_sensitivity"),
+        "text_sensitivity": manip.get("mean_sensitivity"),
+        "text_edits_followed": manip.get("share_followed"),
+    }
+    return {k: v for k, v in figures.items() if v is not None}
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """<run>/checkpoints/<checkpoint> -> <run>; anything else -> the checkpoint's folder."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def validation_of(checkpoint: Path, step: int, output_dir: str | None = None) -> tuple[dict, Image.Image | None]:
+    """The headline figures and reconstruction sheet of the validation that ran on a training
+    checkpoint: `validation/stepNNNNNNN/` in its run folder (`output_dir`, else the one holding
+    `checkpoints/`), written after the checkpoint — an older one belongs to an earlier run that
+    this folder held. ({}, None) when there is none."""
+    saved = (Path(checkpoint) / STATE_FILE).stat().st_mtime
+    for run_dir in dict.fromkeys(p for p in (output_dir and Path(output_dir), run_dir_of(checkpoint)) if p):
+        folder = run_dir / "validation" / f"step{step:07d}"
+        results = folder / "results.json"
+        if results.exists() and results.stat().st_mtime >= saved:
+            sheet = folder / "reconstruction" / "sheet.png"
+            return card_figures(json.loads(results.read_text())), Image.open(sheet) if sheet.exists() else None
+    return {}, None
 
 
 def run_info(config, step: int, cfg_dropout_scheme: str, data: dict | None = None, results: dict | None = None):

@@ -499,7 +499,7 @@ def validate_checkpoint(
     import dataclasses
 
     from .feature_cache import load_cache
-    from .hub import card_info, load_pipeline
+    from .hub import card_info, load_pipeline, run_dir_of
     from .report import write_report
     from .training import TrainConfig, inject_fault
 
@@ -520,7 +520,7 @@ def validate_checkpoint(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.to(device)
     _, buckets = load_cache(cache or config.cache)
-    run_dir = Path(output_dir) if output_dir else _run_dir(checkpoint)
+    run_dir = Path(output_dir) if output_dir else run_dir_of(checkpoint)
     step = info["step"]
     run_validation(
         pipe,
@@ -540,8 +540,3 @@ def validate_checkpoint(
         stand_in=info["encoders"]["stand_in"],
     )
     return {**summary, "report": str(run_dir / "RESULTS.md")}
-
-
-def _run_dir(checkpoint: Path) -> Path:
-    """<run>/checkpoints/<checkpoint> -> <run>; anything else -> the checkpoint's folder."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent

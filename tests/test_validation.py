@@ -356,3 +356,41 @@ def test_compiled_validation_sampling_matches_the_plain_one(tiny_config):
     assert torch.allclose(compiled, plain, atol=1e-5)
     assert compiled.is_inference()  # sampled under torch.inference_mode
     assert list(pipe.transformer.state_dict()) == names  # no `_orig_mod.` in anything saved
+
+
+def test_an_exported_step_checkpoint_carries_the_figures_of_its_validation(tmp_path, stand_in_dir):
+    import os
+
+    from nano_dit.cli import main
+    from nano_dit.hub import card_info, export
+
+    _run(tmp_path, stand_in_dir, "--no-validation")
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint_step0000010"
+    export(checkpoint, tmp_path / "before")
+    assert "Not validated yet" in (tmp_path / "before" / "README.md").read_text()
+
+    main(["validate", "--checkpoint", str(checkpoint), "--steps", "2", "--lpips-backbone", "random"])
+    export(checkpoint, tmp_path / "after")
+    results = json.loads((tmp_path / "run" / "validation" / "step0000010" / "results.json").read_text())
+    figures = card_info(NanoDiTPipeline.from_pretrained(tmp_path / "after"))["results"]
+    assert figures["reconstruction_psnr"] == pytest.approx(results["reconstruction"]["mean_psnr"])
+    assert figures["verdict"] == results["verdict"]
+    assert (tmp_path / "after" / "samples.png").exists()
+
+    # A validation folder older than the checkpoint belongs to an earlier run in that folder.
+    state = checkpoint / "training_state.json"
+    later = (tmp_path / "run" / "validation" / "step0000010" / "results.json").stat().st_mtime + 60
+    os.utime(state, (later, later))
+    export(checkpoint, tmp_path / "stale")
+    assert "Not validated yet" in (tmp_path / "stale" / "README.md").read_text()
+
+
+def test_a_resumed_run_with_no_step_left_keeps_its_validated_card(tmp_path, stand_in_dir):
+    from nano_dit.hub import card_info
+
+    _run(tmp_path, stand_in_dir)
+    final = tmp_path / "run" / "checkpoints" / "checkpoint_final"
+    validated = card_info(NanoDiTPipeline.from_pretrained(final))["results"]
+    _run(tmp_path, stand_in_dir, "--resume", "latest")  # nothing left to train: rebuilds checkpoint_final
+    assert card_info(NanoDiTPipeline.from_pretrained(final))["results"] == validated != {}
+    assert (final / "samples.png").exists()
