@@ -12,7 +12,8 @@ the ratio the fused kernels buy. FLOPs are counted once per configuration with
 rate measured in the same run (bf16 on CUDA, fp32 on CPU).
 
 `--fit-gb`: on CUDA, the largest batch whose measured peak (`torch.cuda.max_memory_allocated`)
-stays within each budget, found from peaks at batch 8 and 16 and checked by running it; on a CPU,
+stays within each budget: a guess from the peaks at batch 8 and 16, checked by running it (then
+bracketed and bisected if it was off); on a CPU,
 the prediction of benchmarks/bench_memory.py at the same shapes. Prints one table.
 """
 
@@ -124,18 +125,34 @@ def measured_peak(args, batch: int, device: torch.device) -> float:
 
 
 def largest_batch_measured(budget: float, peak) -> int:
-    """The largest batch whose peak memory `peak(batch)` fits `budget`: a guess from the line
-    through the peaks at 8 and 16, then checked one batch up or down at a time (each check is a
-    run: memoise `peak`)."""
-    per_sample = (peak(16) - peak(8)) / 8
-    b = max(int((budget - (peak(8) - 8 * per_sample)) // per_sample), 1)
-    while peak(b) > budget and b > 1:
-        b -= 1
-    if peak(b) > budget:
-        return 0
-    while peak(b + 1) <= budget:
-        b += 1
-    return b
+    """The largest batch whose peak memory `peak(batch)` fits `budget` (0 if not even one does).
+
+    A guess from the line through the peaks at 8 and 16 (usually right: two more runs confirm
+    it), then steps away from it that double until the boundary is bracketed, then bisection; each
+    call of `peak` is a run, so memoise it."""
+    per_sample = max((peak(16) - peak(8)) / 8, 1.0)  # a flat or noisy line must not divide by zero
+    guess = max(int((budget - (peak(8) - 8 * per_sample)) // per_sample), 1)
+    fits = lambda b: peak(b) <= budget  # noqa: E731
+    step = 1
+    if fits(guess):
+        lo, hi = guess, guess + 1
+        while fits(hi):
+            lo, hi, step = hi, hi + 2 * step, 2 * step
+    else:
+        lo, hi = guess - 1, guess
+        while lo >= 1 and not fits(lo):
+            lo, hi, step = max(lo - 2 * step, 0), lo, 2 * step
+        if lo < 1:
+            return 0 if not fits(1) else _bisect(1, hi, fits)
+    return _bisect(lo, hi, fits)
+
+
+def _bisect(lo: int, hi: int, fits) -> int:
+    """The largest batch in [lo, hi) that fits, given that lo fits and hi does not."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def largest_batch_predicted(args, budget: float) -> tuple[int, float]:

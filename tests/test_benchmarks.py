@@ -10,7 +10,7 @@ bench_train = load_benchmark("bench_train")
 shapes = load_benchmark("shapes")
 
 
-@pytest.mark.parametrize("budget", [700, 1_000, 1_001, 5_000, 99])
+@pytest.mark.parametrize("budget", [700, 1_000, 1_001, 5_000, 99, 130, 200])
 def test_the_largest_batch_search_finds_the_boundary_of_a_budget(budget):
     def memory(b):  # weights 100, 25 per sample, and an allocator that rounds up to 64
         return float(-(-(100 + 25 * b) // 64) * 64)
@@ -36,3 +36,21 @@ def test_benchmark_inputs_have_the_models_widths():
     assert all(p.abs().sum() > 0 for p in model.parameters())  # randomised: no zero-initialised layer left
     out = model(x0, torch.full((3,), 500.0), **cond).sample
     assert out.shape == x0.shape and out.abs().mean() > 0
+
+
+def test_the_search_survives_a_flat_line_between_8_and_16():
+    peak = functools.cache(lambda b: 1_000.0 if b <= 16 else 1_000.0 + 50 * (b - 16))  # the allocator rounded up
+    runs = []
+    counted = functools.cache(lambda b: runs.append(b) or peak(b))
+    assert bench_train.largest_batch_measured(1_200, counted) == 20
+    assert len(runs) < 20  # bracketing and bisection, not a walk down from the wild guess (200)
+
+
+def test_the_search_agrees_with_a_scan_for_every_budget():
+    def memory(b):  # an allocator with coarse blocks, and a jump where a workspace is added
+        return float(-(-(300 + 37 * b + (b > 30) * 400) // 256) * 256)
+
+    for budget in range(100, 4_000, 23):
+        peak = functools.cache(memory)
+        expected = max((n for n in range(1, 200) if memory(n) <= budget), default=0)
+        assert bench_train.largest_batch_measured(budget, peak) == expected, budget
