@@ -13,8 +13,8 @@ rate measured in the same run (bf16 on CUDA, fp32 on CPU).
 
 `--fit-gb`: on CUDA, the largest batch whose measured peak (`torch.cuda.max_memory_allocated`)
 stays within each budget: a guess from the peaks at batch 8 and 16, checked by running it (then
-bracketed and bisected if it was off); on a CPU,
-the prediction of benchmarks/bench_memory.py at the same shapes. Prints one table.
+bracketed and bisected if it was off); on a CPU, the prediction of benchmarks/bench_memory.py at
+the same shapes. Prints one table.
 """
 
 from __future__ import annotations
