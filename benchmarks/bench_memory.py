@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-from shapes import IMAGE_DIM, TEXT_DIM, TEXT_TOKENS, build_model, random_inputs
+from shapes import IMAGE_DIM, TEXT_DIM, TEXT_TOKENS, add_shape_arguments, build_model, random_inputs
 
 from nano_dit import FlowMatching
-from nano_dit.training import PRESETS
 
 MB = 2**20
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="nano")
-    parser.add_argument("--latent-size", type=int, default=64, help="latent side (default 64: 512² through the VAE)")
+    add_shape_arguments(parser, latent_size=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     parser.add_argument(
         "--text-tokens", type=int, default=TEXT_TOKENS, help="T5 tokens per caption (default: the cap)"

@@ -17,17 +17,15 @@ import time
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from shapes import build_model, sync
+from shapes import add_shape_arguments, build_model, sync
 
 from nano_dit import NanoDiTPipeline
 from nano_dit.pipelines.pipeline_nano_dit import BRANCHES, guidance_weights
-from nano_dit.training import PRESETS
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="nano", help="model size (default nano)")
-    parser.add_argument("--latent-size", type=int, default=16, help="latent side (default 16: 64 tokens at patch 2)")
+    add_shape_arguments(parser, latent_size=16)
     parser.add_argument("--batch-size", type=int, default=4, help="images per prompt batch (default 4)")
     parser.add_argument("--steps", type=int, default=5, help="denoising steps per timing (default 5)")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats (default 9)")

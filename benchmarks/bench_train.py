@@ -25,7 +25,7 @@ import time
 
 import torch
 from diffusers.training_utils import EMAModel
-from shapes import TEXT_TOKENS, build_model, random_inputs, sync
+from shapes import TEXT_TOKENS, add_shape_arguments, build_model, random_inputs, sync
 from torch.utils.flop_counter import FlopCounterMode
 
 from nano_dit import FlowMatching
@@ -36,8 +36,7 @@ GB = 2**30
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="nano")
-    parser.add_argument("--latent-size", type=int, default=16, help="latent side (64 = the seed's 512²)")
+    add_shape_arguments(parser, latent_size=16)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (after 3 warm-up)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")

@@ -7,12 +7,25 @@ T5 v1.1 base (768 wide; captions capped at 128 tokens), DINOv3 ViT-S/16 (384 wid
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from nano_dit import NanoDiTTransformer2DModel
 from nano_dit.training import PRESETS
 
 LATENT_CHANNELS, TEXT_DIM, IMAGE_DIM, TEXT_TOKENS = 16, 768, 384, 128
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, latent_size: int) -> None:
+    """The flags that pick the model and its input size: --preset and --latent-size."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="nano", help="model size (default: nano)")
+    parser.add_argument(
+        "--latent-size",
+        type=int,
+        default=latent_size,
+        help=f"latent side, 8x down from the image: 64 is the seed's 512² (default: {latent_size})",
+    )
 
 
 def build_model(
