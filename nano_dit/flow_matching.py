@@ -106,14 +106,20 @@ class FlowMatching:
         """Noise `x0` (B, C, H, W), run `model`, and return the velocity loss.
 
         `conditioning` goes to the model as keyword arguments (`encoder_hidden_states`,
-        `image_embeds`, `drop_text`, ...). `noise` and `sigmas` are drawn when not given.
+        `image_embeds`, `drop_text`, ...). `noise` and `sigmas` are drawn when not given. Whatever
+        the dtype of `x0` and `noise`, x_σ and the target are fp32.
         """
         B = x0.shape[0]
+        # Noise, interpolation and target in fp32 whatever the features' dtype (a bf16 x0 would
+        # round x_t and the target to 8 mantissa bits); the model casts x_t at its door.
+        x0 = x0.float()
         if noise is None:
-            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+            noise = torch.randn(x0.shape, device=x0.device, dtype=torch.float32, generator=generator)
+        noise = noise.float()
         if sigmas is None:
             sigmas = self.sample_sigmas(B, device=x0.device, generator=generator)
-        x_t = add_noise(x0, noise, sigmas)  # (B, C, H, W)
+        sigmas = sigmas.float()
+        x_t = add_noise(x0, noise, sigmas)  # (B, C, H, W) fp32
         pred = model(x_t, sigmas * TIMESTEP_SCALE, **conditioning).sample
         per_sample = per_sample_mse(pred, velocity_target(x0, noise))  # (B,)
         return FlowMatchingLoss(loss=per_sample.mean(), per_sample=per_sample.detach(), sigmas=sigmas)

@@ -243,9 +243,12 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
         drop_text = self._drop_mask(drop_text, B, device, "drop_text", absent=encoder_hidden_states is None)
         drop_image = self._drop_mask(drop_image, B, device, "drop_image", absent=image_embeds is None)
 
-        # 1. Inputs.
+        # 1. Inputs. The door: latents arrive in whatever dtype they were cached or drawn in (fp32
+        # flow-matching math, bf16 features) and are cast to the weights' dtype; under autocast the
+        # layers then compute in the autocast dtype. Conditioning follows the token stream's dtype.
         # PatchEmbed returns a transposed view; without .contiguous() every residual add would
         # inherit its (B, D, N) memory order and every LayerNorm would copy it back.
+        hidden_states = hidden_states.to(self.pos_embed.proj.weight.dtype)
         x = self.pos_embed(hidden_states).contiguous()  # (B, N, D), N = H·W / p²
         image_embeds = self._select(image_embeds, self.null_image_embed, drop_image, B, "image_embeds")
         cond = self.time_image_embed(timestep, image_embeds.to(x.dtype))  # (B, D)

@@ -249,8 +249,9 @@ class NanoDiTPipeline(DiffusionPipeline):
                 drop_text=drop_text,
                 drop_image=drop_image,
             ).sample
-            v = sum(w * v_b for w, v_b in zip(weights.values(), v_all.chunk(k)))
-            latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
+            # The guided sum in fp32: its weights (e.g. −4, 3, 2) magnify a bf16 branch's rounding.
+            v = sum(w * v_b for w, v_b in zip(weights.values(), v_all.float().chunk(k)))
+            latents = self.scheduler.step(v, t, latents, return_dict=False)[0].to(latents.dtype)
             if callback_on_step_end is not None:
                 tensors = {"latents": latents}
                 outputs = callback_on_step_end(self, i, t, {n: tensors[n] for n in callback_on_step_end_tensor_inputs})

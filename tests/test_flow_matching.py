@@ -96,6 +96,24 @@ def test_loss_is_zero_for_the_true_velocity_and_the_target_norm_for_a_zero_model
     torch.testing.assert_close(result.loss, expected.mean())
 
 
+def test_noise_interpolation_and_target_are_fp32_whatever_the_features_dtype():
+    seen = {}
+
+    def model(x_t, t, **kw):
+        seen["x_t"] = x_t
+        return type("Out", (), {"sample": torch.zeros_like(x_t)})
+
+    x0, noise = _pair()
+    sigmas = torch.tensor([0.1, 0.5, 0.9])
+    result = FlowMatching().loss(model, x0.bfloat16(), sigmas=sigmas, generator=torch.Generator().manual_seed(0))
+    assert seen["x_t"].dtype == torch.float32
+    # the noise drawn for a bf16 x0 is the fp32 noise drawn for an fp32 one, not a rounded copy
+    drawn = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen["x_t"], add_noise(x0.bfloat16().float(), drawn, sigmas), rtol=0, atol=0)
+    expected = (drawn - x0.bfloat16().float()).pow(2).flatten(1).mean(1)  # the target in fp32
+    torch.testing.assert_close(result.per_sample, expected, rtol=0, atol=0)
+
+
 def test_loss_passes_sigma_times_1000_to_the_model():
     seen = {}
 

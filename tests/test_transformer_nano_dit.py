@@ -216,6 +216,16 @@ def test_conditioning_in_another_dtype_is_cast_to_the_model_dtype(tiny_model, ti
     torch.testing.assert_close(_run(tiny_model, **inputs), reference)
 
 
+def test_bf16_latents_are_cast_at_the_door_of_an_fp32_model(tiny_model, tiny_config):
+    """Features cached by bf16 encoders (a GPU) reach an fp32 model with autocast off: the model
+    casts them to its weights' dtype (this crashed PatchEmbed's conv once)."""
+    inputs = {k: v.bfloat16() if v.is_floating_point() else v for k, v in make_inputs(tiny_config).items()}
+    widened = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
+    out = _run(tiny_model, **inputs)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, _run(tiny_model, **widened))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler"
