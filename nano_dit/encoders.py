@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .offline import check_hub_reachable
+
 logger = logging.getLogger(__name__)
 
 STAND_IN_MARKER = "nano_dit_stand_in.json"
@@ -97,20 +99,23 @@ class ConditioningEncoders:
 
     Args:
         spec: which encoders (`EncoderSpec`).
-        device: where to run them; bf16 on CUDA, fp32 elsewhere.
+        device: where to run them (default: CUDA when there is one).
+        dtype: their weights' dtype (default: bf16 on CUDA, fp32 elsewhere).
     """
 
-    def __init__(self, spec: EncoderSpec, device: str | torch.device | None = None):
+    def __init__(self, spec: EncoderSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         from diffusers import AutoencoderKL
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, T5EncoderModel
 
         self.spec = spec
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if spec.uses_stand_ins:
             logger.warning(
                 "using STAND-IN encoders (tiny, randomly initialised): results say nothing about real T5 / DINOv3"
             )
+        # Models given by Hub id: one try at the Hub first; unreachable, every load reads the cache.
+        check_hub_reachable([n for n in (spec.text_encoder, spec.image_encoder, spec.vae) if n is not None])
         load = {"revision": spec.revision}
         self.tokenizer = AutoTokenizer.from_pretrained(spec.text_encoder, **load)
         self.text_encoder = T5EncoderModel.from_pretrained(spec.text_encoder, dtype=self.dtype, **load)
