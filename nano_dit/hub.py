@@ -79,6 +79,7 @@ def card_figures(results: dict) -> dict:
     recon, swap, manip = results["reconstruction"], results["dino_swap"], results["text_manip"]
     figures = {
         "verdict": results.get("verdict"),
+        "reconstruction_stlpips": recon.get("mean_stlpips"),
         "reconstruction_lpips": recon["mean_lpips"],
         "reconstruction_psnr": recon["mean_psnr"],
         "reconstruction_ssim": recon["mean_ssim"],

@@ -6,9 +6,9 @@
       text_manip/       5 rule-based caption edits, the DINOv3 embedding kept;            sheet.png
       results.json      every figure below, per image and as means
 
-1. **Reconstruction**: LPIPS (the `lpips` package, AlexNet), PSNR and SSIM of each output to its
-   ground truth, and the outputs' mean and spread against the data's (a mean-gray or collapsed
-   model shows there).
+1. **Reconstruction**: ST-LPIPS (shift-tolerant LPIPS, pretrained weights shipped with its
+   wheel), LPIPS (the `lpips` package, AlexNet), PSNR and SSIM of each output to its ground truth,
+   and the outputs' mean and spread against the data's (a mean-gray or collapsed model shows there).
 2. **DINO swap**: the distance of each swapped output to B and to A, the share of pairs closer to
    B, the share that moved toward B (closer to B than A's own output from the same noise was),
    and the sensitivity: the distance to A's own output.
@@ -22,9 +22,9 @@ captions), batched across images and CFG branches, from seeded noise that belong
 so a figure does not depend on the batch size. The ground truth is the cached latents decoded by
 the VAE (the pixels themselves in pixel mode): the figures measure the transformer, not the VAE.
 
-LPIPS needs AlexNet weights that torchvision downloads once. Where they are neither cached nor
-reachable, the results say so (`"lpips": null` and the reason), PSNR / SSIM decide instead, and
-no LPIPS figure is made up.
+"Closer to" and the sensitivities are ST-LPIPS distances. LPIPS needs AlexNet weights that
+torchvision downloads once: where they are neither cached nor reachable, the results say so
+(`"lpips": null` and the reason), ST-LPIPS decides, and no LPIPS figure is made up.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,8 +42,11 @@ from PIL import Image
 
 from .encoders import images_to_tensor
 from .feature_cache import CachedBucket
+from .offline import is_offline, network_attempt
+from .perceptual import ShiftTolerantLPIPS
 from .sheets import contact_sheet
 from .synthetic import COLORS, POSITIONS, SHAPES, Layout, ShapeSpec, render
+from .timings import PhaseTimer, phase
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ class SamplingConfig:
     decode_batch_size: int = 8  # latents per VAE decode (a 512² decode is memory-hungry)
     num_pairs: int = 5
     num_edits: int = 5
-    mixed_precision: str = "no"  # "bf16" / "fp16": the transformer samples under autocast (CUDA only)
+    mixed_precision: str | None = "no"  # "bf16" / "fp16": the transformer samples under autocast
     compile: bool = False  # torch.compile the transformer in place (state-dict names unchanged)
     compile_backend: str = "inductor"
 
@@ -75,43 +79,34 @@ def prepare_for_sampling(pipe, sampling: SamplingConfig) -> None:
 
 
 def _autocast(pipe, sampling: SamplingConfig):
+    """Autocast as the run trained, on any device: a CPU run in bf16 samples as a GPU one does."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(sampling.mixed_precision)
-    enabled = dtype is not None and pipe.device.type == "cuda"
-    return torch.autocast(pipe.device.type, dtype=dtype or torch.bfloat16, enabled=enabled)
+    return torch.autocast(pipe.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
 class ImageMetrics:
-    """LPIPS (AlexNet), PSNR and SSIM between image batches `(N, 3, H, W)` in [0, 1].
+    """ST-LPIPS, LPIPS, PSNR and SSIM between image batches `(N, 3, H, W)` in [0, 1].
+
+    ST-LPIPS (shift-tolerant LPIPS on an anti-aliased AlexNet, `nano_dit.perceptual`) is always
+    there: its pretrained weights come with the `stlpips-pytorch` wheel, so it works offline, and it
+    is the distance behind "closer to" and the sensitivities. LPIPS (the `lpips` package) needs
+    torchvision's AlexNet weights, downloaded once: without them and without a network, its figures
+    are null with the reason, never made up.
 
     Args:
-        backbone: "pretrained" (torchvision's AlexNet weights: downloaded once, then cached),
-            "random" (a randomly initialised AlexNet: for tests, never for a verdict) or "none".
+        backbone: LPIPS's AlexNet: "pretrained" (torchvision's weights, cached or fetched once),
+            "random" (randomly initialised: for tests, never for a verdict) or "none".
     """
 
     def __init__(self, device="cpu", backbone: str = "pretrained", chunk: int = 32):
-        self.device, self.chunk = torch.device(device), chunk
-        self.backbone = backbone
-        self.lpips_model, self.lpips_reason = None, None
-        if backbone == "none":
-            self.lpips_reason = "LPIPS switched off"
-            return
-        if backbone not in ("pretrained", "random"):
+        if backbone not in ("pretrained", "random", "none"):
             raise ValueError(f"LPIPS backbone must be 'pretrained', 'random' or 'none', got {backbone!r}")
-        import warnings
-
-        import lpips
-
-        try:
-            with warnings.catch_warnings():  # torchvision's deprecation notes about lpips' call
-                warnings.simplefilter("ignore")
-                model = lpips.LPIPS(net="alex", pnet_rand=backbone == "random", verbose=False)
-            self.lpips_model = model.to(self.device).eval().requires_grad_(False)
-        except Exception as err:  # no cached weights and no network: say so, decide on PSNR / SSIM
-            self.lpips_reason = f"AlexNet weights for LPIPS are not cached and could not be fetched ({err})"
-            logger.warning("LPIPS unavailable: %s; PSNR / SSIM decide instead", self.lpips_reason)
+        self.device, self.chunk, self.backbone = torch.device(device), chunk, backbone
+        self.stlpips_model = ShiftTolerantLPIPS.from_pretrained(device=self.device)
+        self.lpips_model, self.lpips_reason = _load_lpips(backbone, self.device)
 
     @property
     def describe(self) -> dict:
@@ -120,30 +115,26 @@ class ImageMetrics:
         backbone = "AlexNet, torchvision weights" if self.backbone == "pretrained" else "AlexNet, RANDOM weights"
         return {"available": True, "backbone": backbone}
 
-    @property
-    def distance_name(self) -> str:
-        """The distance that decides "closer to": LPIPS when there is one, else mean squared error."""
-        return "lpips" if self.lpips_model is not None else "mse"
+    distance_name = "stlpips"  # what decides "closer to" and the sensitivities
 
     def lpips(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Per-image LPIPS on the metric's device, `chunk` images per call; None without a backbone."""
         if self.lpips_model is None:
             return None
-        return self._batched(self._lpips, x, y)
+        return self._batched(lambda a, b: self.lpips_model(*_perceptual_inputs(a, b)), x, y)
 
-    def _lpips(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if min(x.shape[-2:]) < 64:  # AlexNet's strides leave nothing of very small images
-            size = (64 * x.shape[-2] // min(x.shape[-2:]), 64 * x.shape[-1] // min(x.shape[-2:]))
-            x, y = (F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in (x, y))
-        return self.lpips_model(x * 2 - 1, y * 2 - 1)
+    def stlpips(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-image ST-LPIPS, as `lpips`."""
+        return self._batched(lambda a, b: self.stlpips_model(*_perceptual_inputs(a, b)), x, y)
 
     @torch.inference_mode()
     def _batched(self, fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """`fn` over matching chunks of `x` and `y`, moved to the device in fp32; per image, on the CPU."""
         parts = []
-        for i in range(0, len(x), self.chunk):
-            a, b = (t[i : i + self.chunk].to(self.device, torch.float32, non_blocking=True) for t in (x, y))
-            parts.append(fn(a, b).flatten().cpu())
+        with phase("metrics"):
+            for i in range(0, len(x), self.chunk):
+                a, b = (t[i : i + self.chunk].to(self.device, torch.float32, non_blocking=True) for t in (x, y))
+                parts.append(fn(a, b).flatten().cpu())
         return torch.cat(parts)
 
     @staticmethod
@@ -163,17 +154,56 @@ class ImageMetrics:
         )
 
     def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        d = self.lpips(x, y)
-        return d if d is not None else self.mse(x, y)
+        return self.stlpips(x, y)
 
     def compare(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, list[float] | None]:
-        """Per-image LPIPS (or None), PSNR and SSIM."""
+        """Per-image ST-LPIPS, LPIPS (or None), PSNR and SSIM."""
         lp = self.lpips(x, y)
         return {
+            "stlpips": self.stlpips(x, y).tolist(),
             "lpips": None if lp is None else lp.tolist(),
             "psnr": self.psnr(x, y).tolist(),
             "ssim": self.ssim(x, y).tolist(),
         }
+
+
+def _perceptual_inputs(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[0, 1] images as the LPIPS networks take them: in [−1, 1], and at least 64 px on the short
+    side (AlexNet's strides leave next to nothing of smaller images; the demo's are 32²)."""
+    if min(x.shape[-2:]) < 64:
+        size = (64 * x.shape[-2] // min(x.shape[-2:]), 64 * x.shape[-1] // min(x.shape[-2:]))
+        x, y = (F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in (x, y))
+    return x * 2 - 1, y * 2 - 1
+
+
+def alexnet_weights_path() -> Path:
+    """Where torchvision keeps AlexNet's ImageNet weights once downloaded (torch.hub's cache)."""
+    from torchvision.models import AlexNet_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(AlexNet_Weights.IMAGENET1K_V1.url).name
+
+
+def _load_lpips(backbone: str, device: torch.device):
+    """(LPIPS AlexNet network or None, why not). Fetches the AlexNet weights at most once per
+    process, and not at all when offline (`nano_dit.offline`)."""
+    if backbone == "none":
+        return None, "LPIPS switched off"
+    import warnings
+
+    import lpips
+
+    weights = alexnet_weights_path()
+    if backbone == "pretrained" and not weights.exists() and is_offline():
+        return None, f"AlexNet weights for LPIPS are not cached ({weights}) and this process is offline"
+    try:
+        with warnings.catch_warnings(), network_attempt("AlexNet weights for LPIPS"):
+            warnings.simplefilter("ignore")  # torchvision's deprecation notes about lpips' call
+            model = lpips.LPIPS(net="alex", pnet_rand=backbone == "random", verbose=False)
+    except OSError as err:  # no cached weights and no network: decide without LPIPS, saying so
+        reason = f"AlexNet weights for LPIPS are not cached and could not be fetched ({err})"
+        logger.warning("LPIPS unavailable: %s; ST-LPIPS decides", reason)
+        return None, reason
+    return model.to(device).eval().requires_grad_(False), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +310,7 @@ def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, 
             embeds, mask = bucket.text_embeds[r], bucket.text_mask[r]
         else:
             embeds, mask = text[0][s : s + len(r)], text[1][s : s + len(r)]
-        with _autocast(pipe, sampling):
+        with phase("sampling"), _autocast(pipe, sampling):
             images = pipe(
                 prompt_embeds=embeds,
                 prompt_attention_mask=mask,
@@ -302,10 +332,11 @@ def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, 
 def decode(pipe, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """Model-space latents -> images `(N, 3, H, W)` in [0, 1] on the CPU, `chunk` at a time."""
     dtype = pipe.transformer.dtype if pipe.vae is None else pipe.vae.dtype
-    parts = [
-        pipe.decode_latents(latents[i : i + chunk].to(pipe.device, dtype), "pt").float().cpu()
-        for i in range(0, len(latents), chunk)
-    ]
+    with phase("decoding"):
+        parts = [
+            pipe.decode_latents(latents[i : i + chunk].to(pipe.device, dtype), "pt").float().cpu()
+            for i in range(0, len(latents), chunk)
+        ]
     return torch.cat(parts)
 
 
@@ -320,8 +351,17 @@ def run_validation(
     info: dict | None = None,
 ) -> dict:
     """Run the three tests with `pipe` on the cached `buckets`; write images, sheets and results.json
-    (with `info`, e.g. the checkpoint and its CFG-dropout scheme, at the top)."""
-    out_dir = Path(out_dir)
+    (with `info`, e.g. the checkpoint and its CFG-dropout scheme, at the top, and the seconds spent
+    sampling, decoding, on metrics and writing images under "timings")."""
+    start = time.perf_counter()
+    with PhaseTimer(pipe.device) as timer:
+        results = _run_tests(pipe, buckets, Path(out_dir), metrics, sampling, step, info)
+    results["timings"] = {"seconds": round(time.perf_counter() - start, 3), "phases": timer.as_dict()}
+    (Path(out_dir) / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info: dict | None) -> dict:
     for name in TESTS:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
@@ -357,7 +397,6 @@ def run_validation(
     results["text_manip"] = _text_manip(
         pipe, buckets[main], recon[main], truth[main], noise_of[main], metrics, sampling, out_dir
     )
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
@@ -367,6 +406,7 @@ def _reconstruction_summary(per_image: list[dict], recon: dict, truth: dict) -> 
     data = torch.cat([t.flatten() for t in truth.values()])
     mean = lambda k: None if per_image[0][k] is None else sum(p[k] for p in per_image) / len(per_image)  # noqa: E731
     return {
+        "mean_stlpips": mean("stlpips"),
         "mean_lpips": mean("lpips"),
         "mean_psnr": mean("psnr"),
         "mean_ssim": mean("ssim"),
@@ -464,11 +504,13 @@ def _to_pil(t: torch.Tensor) -> Image.Image:
 
 
 def _save(t: torch.Tensor, path: Path) -> None:
-    _to_pil(t).save(path)
+    with phase("writing"):
+        _to_pil(t).save(path)
 
 
 def _sheet(cells: list[torch.Tensor], captions: list[str], path: Path, columns: int = 4) -> None:
-    contact_sheet([_to_pil(c) for c in cells], captions, columns=columns, cell=160).save(path)
+    with phase("writing"):
+        contact_sheet([_to_pil(c) for c in cells], captions, columns=columns, cell=160).save(path)
 
 
 def _reconstruction_sheet(buckets, recon, truth, path: Path, limit: int = 50) -> None:
@@ -480,7 +522,8 @@ def _reconstruction_sheet(buckets, recon, truth, path: Path, limit: int = 50) ->
                 break
             cells += [truth[b][i], recon[b][i]]
             captions += [bucket.captions[i], "generated"]
-    contact_sheet([_to_pil(c) for c in cells], captions, columns=10, cell=96).save(path)
+    with phase("writing"):
+        contact_sheet([_to_pil(c) for c in cells], captions, columns=10, cell=96).save(path)
 
 
 # --------------------------------------------------------------------------------------------

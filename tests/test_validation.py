@@ -89,20 +89,6 @@ def test_image_metrics_on_identical_and_different_images():
     assert metrics.describe == {"available": True, "backbone": "AlexNet, RANDOM weights"}
 
 
-def test_without_alexnet_weights_lpips_is_null_with_the_reason(monkeypatch):
-    import lpips
-
-    def offline(*args, **kwargs):
-        raise OSError("no network")
-
-    monkeypatch.setattr(lpips, "LPIPS", offline)
-    metrics = ImageMetrics(backbone="pretrained")
-    x = torch.rand(2, 3, 16, 16)
-    assert metrics.compare(x, x)["lpips"] is None  # never a made-up figure
-    assert metrics.describe["available"] is False and "no network" in metrics.describe["reason"]
-    assert metrics.distance_name == "mse" and metrics.distance(x, x).tolist() == [0.0, 0.0]
-
-
 def _records(losses, norms):
     return [{"step": i + 1, "loss": x, "grad_norm": g} for i, (x, g) in enumerate(zip(losses, norms))]
 
@@ -137,8 +123,9 @@ def _results(**changes):
     return results
 
 
-def _statuses(records, results, **kw):
-    return {i.name: i.status for i in evaluate(records, results, Thresholds(), 10, EXCLUSIVE, **kw)}
+def _statuses(records, results, thresholds=None, **kw):
+    thresholds = thresholds or Thresholds()
+    return {i.name: i.status for i in evaluate(records, results, thresholds, 10, EXCLUSIVE, **kw)}
 
 
 HEALTHY = _records([1.0 / (1 + i / 20) for i in range(400)], [1.0] * 400)
@@ -184,12 +171,29 @@ def test_each_failure_indicator_fires_on_its_symptom(records, results, indicator
     assert any(indicator in r for r in reasons)
 
 
-def test_without_lpips_the_psnr_thresholds_decide():
+def test_without_lpips_st_lpips_decides_and_the_other_figures_stand_beside_it():
+    results = _results(reconstruction={"mean_lpips": None, "mean_stlpips": 0.25})
+    indicator = next(i for i in evaluate(HEALTHY, results, Thresholds(), 10, EXCLUSIVE) if i.name.startswith("Recon"))
+    assert (indicator.name, indicator.status) == ("Reconstruction ST-LPIPS", WARN)
+    assert indicator.value == "mean 0.250 (PSNR 30.0 dB, SSIM 0.900)"
+    thresholds = replace(Thresholds(), stlpips_success=0.3, stlpips_failure=0.4)
+    assert _statuses(HEALTHY, results, thresholds=thresholds)["Reconstruction ST-LPIPS"] == PASS
+
+
+def test_a_preset_may_decide_on_st_lpips_though_lpips_is_there():
+    results = _results(reconstruction={"mean_lpips": 0.15, "mean_stlpips": 0.35})
+    thresholds = replace(Thresholds(), decide_on="stlpips")
+    indicator = next(i for i in evaluate(HEALTHY, results, thresholds, 10, EXCLUSIVE) if i.name.startswith("Recon"))
+    assert (indicator.name, indicator.status) == ("Reconstruction ST-LPIPS", FAIL)
+    assert "LPIPS 0.150" in indicator.value
+    assert verdict(evaluate(HEALTHY, results, thresholds, 10, EXCLUSIVE))[0] == "NO-GO"
+
+
+def test_a_validation_recorded_without_a_perceptual_metric_is_judged_on_psnr():
     results = _results(reconstruction={"mean_lpips": None, "mean_psnr": 22.0})
-    assert _statuses(HEALTHY, results)["Reconstruction PSNR (LPIPS unavailable)"] == WARN
-    thresholds = replace(Thresholds(), psnr_success=21.0)
-    names = {i.name: i.status for i in evaluate(HEALTHY, results, thresholds, 10, EXCLUSIVE)}
-    assert names["Reconstruction PSNR (LPIPS unavailable)"] == PASS
+    name = "Reconstruction PSNR (no perceptual metric recorded)"
+    assert _statuses(HEALTHY, results)[name] == WARN
+    assert _statuses(HEALTHY, results, thresholds=replace(Thresholds(), psnr_success=21.0))[name] == PASS
 
 
 def test_the_old_cfg_scheme_is_a_no_go():
@@ -260,7 +264,8 @@ def test_the_validate_command_on_a_checkpoint(tmp_path, stand_in_dir, capsys):
     from nano_dit.cli import main
 
     _run(tmp_path, stand_in_dir, "--no-validation")
-    assert not (tmp_path / "run" / "validation").exists()
+    assert not list((tmp_path / "run" / "validation").glob("step*"))
+    assert "No validation ran" in (tmp_path / "run" / "RESULTS.md").read_text()  # the log's report, and timings
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint_step0000010"
     main(["validate", "--checkpoint", str(checkpoint), "--steps", "2", "--lpips-backbone", "random"])
     assert "RESULTS.md" in capsys.readouterr().out
