@@ -10,6 +10,7 @@ it writes the synthetic set and the stand-in encoders too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ from nano_dit.feature_cache import load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
 from nano_dit.hub import build_pipeline, card_figures, run_info, set_model_card, validation_of
 from nano_dit.report import write_report
+from nano_dit.timings import PhaseTimer, RunTimings, describe_device, phase
 from nano_dit.training import (
     CachedBatches,
     JsonlLog,
@@ -57,7 +59,9 @@ SIGMA_BINS = 4  # the tracker gets the loss per quarter of the noise range
 
 def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- setup
+    started = time.perf_counter()
     config = parse_config(argv)
+    # Unset flags (None) leave the choice to `accelerate launch` (its flags or config file).
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         project_dir=config.output_dir,
         dynamo_backend=config.compile_backend if config.compile else None,
     )
+    record_launch_settings(config, accelerator)  # config.json, the report and validation see what is in effect
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed, device_specific=True)
     if accelerator.device.type == "cpu":  # `accelerate launch` sets OMP_NUM_THREADS=1 unless asked otherwise
@@ -73,36 +78,39 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_dir = config.checkpoints
     check_output_dir(config, ckpt_dir, remove=accelerator.is_main_process)
     accelerator.wait_for_everyone()
+    timer = PhaseTimer(accelerator.device).__enter__()  # phases below, and in the helpers, are timed
 
     # ---------------------------------------------------------------- data
     with accelerator.main_process_first():  # one process encodes, the others then read the cache
         if accelerator.is_main_process:
             accelerator.print(prepare_feature_cache(config).summary())
-        manifest, buckets = load_cache(config.cache)
-    batches = CachedBatches(
-        buckets,
-        config.batch_size,
-        accelerator.device,
-        seed=config.seed + accelerator.process_index,
-        on_device={"auto": None, "yes": True, "no": False}[config.cache_on_device],
-    )
+        with phase("data: loading the cache"):
+            manifest, buckets = load_cache(config.cache)
+            batches = CachedBatches(
+                buckets,
+                config.batch_size,
+                accelerator.device,
+                seed=config.seed + accelerator.process_index,
+                on_device={"auto": None, "yes": True, "no": False}[config.cache_on_device],
+            )
     config.model = model_config_for(config, buckets)
 
     # ---------------------------------------------------------------- model
-    model = NanoDiTTransformer2DModel(**config.model)
-    inject_fault(model, config.fault)  # only for validation-power experiments (--fault)
-    if config.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, foreach=True)
-    optimizer = build_optimizer(config, model, accelerator.device)
-    # Accelerate steps a prepared scheduler once per process at each optimizer step, hence the
-    # scaling (as diffusers' training scripts do): the schedule spans total_steps optimizer steps.
-    n = accelerator.num_processes
-    lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, config.warmup_steps * n, config.total_steps * n, min_lr=config.min_lr
-    )
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ema.to(accelerator.device)
+    with phase("model: build"):
+        model = NanoDiTTransformer2DModel(**config.model)
+        inject_fault(model, config.fault)  # only for validation-power experiments (--fault)
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, foreach=True)
+        optimizer = build_optimizer(config, model, accelerator.device)
+        # Accelerate steps a prepared scheduler once per process at each optimizer step, hence the
+        # scaling (as diffusers' training scripts do): the schedule spans total_steps optimizer steps.
+        n = accelerator.num_processes
+        lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, config.warmup_steps * n, config.total_steps * n, min_lr=config.min_lr
+        )
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+        ema.to(accelerator.device)
     cfg_dropout = config.cfg_dropout(rank=accelerator.process_index)
     accelerator.register_for_checkpointing(ema)  # the same on every process; save_state carries it
     stand_in = (
@@ -124,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         path = resolve_resume(config.resume, ckpt_dir)
         saved = read_state(path)
         check_resumable(saved, config.model, cfg_dropout.scheme, path)
-        accelerator.load_state(str(path))
+        with phase("checkpoints: resume"):
+            accelerator.load_state(str(path))
         restore_samplers(path, accelerator, {"cfg_dropout": cfg_dropout, "batches": batches})
         start_step = saved["step"]
         accelerator.print(f"resumed from {path} at step {start_step}")
@@ -139,7 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
     log_path = os.path.join(ckpt_dir, "training_log.jsonl")
     run = dict(accelerator=accelerator, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
     run["params"] = list(model.parameters())  # walked once, not at every clip and EMA update
-    run["validator"] = Validator(config, buckets, cfg_dropout.scheme, bool(stand_in), accelerator, ema, log_path)
+    run["timer"] = timer
+    settings = {"device": describe_device(accelerator.device), "mixed_precision": config.mixed_precision}
+    settings.update(compile=config.compile, start_step=start_step)  # a resumed run times its own steps
+    run["timings"] = RunTimings(config.output_dir, timer, settings, started)
+    run["validator"] = Validator(
+        config, buckets, cfg_dropout.scheme, bool(stand_in), accelerator, ema, log_path, run["timings"]
+    )
     with JsonlLog(
         log_path, enabled=accelerator.is_main_process, resume_step=start_step if config.resume else None
     ) as log:
@@ -149,31 +164,47 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     result = {}
     if accelerator.is_main_process:
-        validator = run["validator"]
-        if validator.pipe is None:  # no validation ran: build the shipped pipeline now
-            final = accelerator.unwrap_model(model, keep_torch_compile=False)
-            ema.copy_to(final.parameters())  # the EMA weights are the ones we ship and sample
-            validator.pipe = build_pipeline(final, config.encoder_spec())
-        pipe, result = validator.pipe, validator.last
-        figures, sheet = card_figures(result), validator.sheet()
-        last = Path(ckpt_dir) / checkpoint_name(config.total_steps)
-        if not figures and last.exists():  # resumed with no step left: the last step's validation, if it ran
-            figures, sheet = validation_of(last, config.total_steps, config.output_dir)
-        data = {
-            "shards": config.shards,
-            "samples": sum(len(b) for b in buckets),
-            "buckets": [b.bucket for b in buckets],
-        }
-        info = run_info(config, config.total_steps, cfg_dropout.scheme, data=data, results=figures)
-        set_model_card(pipe, info, sheet, repo_id=config.repo_id if config.push_to_hub else None)
-        final_dir = os.path.join(ckpt_dir, "checkpoint_final")
-        pipe.save_pretrained(final_dir)
-        accelerator.print(f"pipeline (EMA weights): {final_dir}")
-        if config.push_to_hub:
-            url = pipe.push_to_hub(config.repo_id)
-            accelerator.print(f"pushed to the Hub: {url}")
+        with phase("export"):
+            result = export_final(config, run, buckets, cfg_dropout.scheme)
+        run["timings"].save()  # timings.json, then RESULTS.md with every phase, export included
+        run["validator"].report()
+    timer.__exit__(None, None, None)
     accelerator.end_training()
     return result
+
+
+def export_final(config: TrainConfig, run: dict, buckets, scheme: str) -> dict:
+    """checkpoint_final: the pipeline with the final EMA weights and a model card carrying the last
+    validation's figures (pushed to the Hub when asked). Returns that validation's results."""
+    accelerator, validator, ckpt_dir = run["accelerator"], run["validator"], config.checkpoints
+    if validator.pipe is None:  # no validation ran: build the shipped pipeline now
+        final = accelerator.unwrap_model(run["model"], keep_torch_compile=False)
+        run["ema"].copy_to(final.parameters())  # the EMA weights are the ones we ship and sample
+        validator.pipe = build_pipeline(final, config.encoder_spec())
+    pipe, result = validator.pipe, validator.last
+    figures, sheet = card_figures(result), validator.sheet()
+    last = Path(ckpt_dir) / checkpoint_name(config.total_steps)
+    if not figures and last.exists():  # resumed with no step left: the last step's validation, if it ran
+        figures, sheet = validation_of(last, config.total_steps, config.output_dir)
+    data = {"shards": config.shards, "samples": sum(len(b) for b in buckets), "buckets": [b.bucket for b in buckets]}
+    info = run_info(config, config.total_steps, scheme, data=data, results=figures)
+    set_model_card(pipe, info, sheet, repo_id=config.repo_id if config.push_to_hub else None)
+    final_dir = os.path.join(ckpt_dir, "checkpoint_final")
+    pipe.save_pretrained(final_dir)
+    accelerator.print(f"pipeline (EMA weights): {final_dir}")
+    if config.push_to_hub:
+        url = pipe.push_to_hub(config.repo_id)
+        accelerator.print(f"pushed to the Hub: {url}")
+    return result
+
+
+def record_launch_settings(config: TrainConfig, accelerator: Accelerator) -> None:
+    """The precision and compilation in effect, whoever chose them (a flag, `accelerate launch`'s
+    flags or config file, or the defaults), written back into `config`."""
+    config.mixed_precision = accelerator.mixed_precision
+    backend = accelerator.state.dynamo_plugin.backend.value.lower()
+    if backend != "no":
+        config.compile, config.compile_backend = True, backend
 
 
 def restore_samplers(path, accelerator, samplers: dict) -> None:
@@ -223,9 +254,12 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
     start, pending, bad_in_a_row = time.perf_counter(), [], 0
     samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     bin_sums = bin_counts = torch.zeros(SIGMA_BINS, device=accelerator.device)
+    timer, timed_before, loop_start = run["timer"], sum(run["timer"].seconds.values()), time.perf_counter()
     for step in range(start_step + 1, config.total_steps + 1):
         try:
-            loss, grad_norm, applied, bins = optimizer_step(config, run, objective, batches, cfg_dropout)
+            # The first step apart: it compiles (--compile) and warms the allocator and kernels.
+            with timer.phase("training: first step") if step == start_step + 1 else contextlib.nullcontext():
+                loss, grad_norm, applied, bins = optimizer_step(config, run, objective, batches, cfg_dropout)
         except torch.cuda.OutOfMemoryError as err:  # (torch.OutOfMemoryError in newer torch)
             raise OutOfMemory(out_of_memory_message(config, step, ckpt_dir)) from err
         progress.update(1)
@@ -255,14 +289,30 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
             accelerator.log(scalars, step=step)
             bin_sums = bin_counts = torch.zeros(SIGMA_BINS, device=accelerator.device)
             progress.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}")
-            start, pending = time.perf_counter(), []
+            pending = []
         if step % config.checkpoint_every == 0:
-            check_replicas_agree(accelerator, run["model"])
-            state = {"config": vars(config), "cfg_dropout_scheme": cfg_dropout.scheme}
-            samplers = {"cfg_dropout": cfg_dropout.state_dict(), "batches": batches.state_dict()}
-            save_checkpoint(accelerator, ckpt_dir, step, state, config.checkpoints_total_limit, samplers)
+            with timer.phase("checkpoints"):
+                check_replicas_agree(accelerator, run["model"])
+                state = {"config": vars(config), "cfg_dropout_scheme": cfg_dropout.scheme}
+                samplers = {"cfg_dropout": cfg_dropout.state_dict(), "batches": batches.state_dict()}
+                save_checkpoint(accelerator, ckpt_dir, step, state, config.checkpoints_total_limit, samplers)
+            if accelerator.is_main_process:
+                run["timings"].save()  # a run killed later still shows where its time went so far
         if validating:
-            run["validator"](step)
+            run["timings"].note_peak(accelerator.device)
+            with timer.phase("validation"):
+                run["validator"](step)
+        if not pending:  # logged: the next interval's rate counts training alone
+            start = time.perf_counter()
+    # Training's own time: the loop's, less the first step, checkpoints and validations (timed apart).
+    timer.sync()
+    steps_run = config.total_steps - start_step
+    if steps_run > 0:
+        seconds = time.perf_counter() - loop_start - (sum(timer.seconds.values()) - timed_before)
+        timer.add("training", seconds)
+        run["timings"].note_peak(accelerator.device)
+        first = timer.seconds["training: first step"]
+        run["timings"].note_training(steps_run - 1, seconds, first, samples_per_step)
 
 
 class OutOfMemory(RuntimeError):
@@ -345,9 +395,9 @@ class Validator:
     first validation and kept; at the end it holds the final EMA weights and is what ships.
     """
 
-    def __init__(self, config: TrainConfig, buckets, scheme: str, stand_in: bool, accelerator, ema, log_path):
+    def __init__(self, config: TrainConfig, buckets, scheme: str, stand_in: bool, accelerator, ema, log_path, timings):
         self.config, self.buckets, self.scheme, self.stand_in = config, buckets, scheme, stand_in
-        self.accelerator, self.ema, self.log_path = accelerator, ema, log_path
+        self.accelerator, self.ema, self.log_path, self.timings = accelerator, ema, log_path, timings
         self.pipe, self.metrics, self.last, self.folder = None, None, {}, None
 
     def __call__(self, step: int) -> None:
@@ -360,15 +410,20 @@ class Validator:
 
     def _validate(self, step: int) -> None:
         accelerator, config = self.accelerator, self.config
-        if self.pipe is None:
+        start = time.perf_counter()
+        if self.pipe is None:  # the first validation loads the encoders and the metrics' networks
             model = NanoDiTTransformer2DModel(**config.model)
             inject_fault(model, config.fault)
             self.pipe = build_pipeline(model, config.encoder_spec()).to(accelerator.device)
             self.metrics = ImageMetrics(accelerator.device, config.lpips_backbone)
         self.ema.copy_to(self.pipe.transformer.parameters())
+        setup = time.perf_counter() - start
         self.folder = Path(config.output_dir) / "validation" / f"step{step:07d}"
         info = {"checkpoint": f"EMA weights at step {step}", "cfg_dropout_scheme": self.scheme}
         results = run_validation(self.pipe, self.buckets, self.folder, self.metrics, config.sampling(), step, info)
+        phases = {"setup": round(setup, 3), **results["timings"]["phases"]}
+        self.timings.note_validation(step, time.perf_counter() - start, phases)
+        self.timings.save()
         summary = self.report()
         self.last = {**results, **summary}
         accelerator.log(card_figures(self.last), step=step)

@@ -27,8 +27,22 @@ from tqdm.auto import tqdm
 
 from .encoders import ConditioningEncoders, EncoderSpec, describe
 from .shards import ShardReader, bucket_name
+from .timings import phase
 
 MANIFEST = "manifest.json"
+
+# The cache's one dtype for features (latents, T5 tokens, DINOv3 global and patch tokens): fp32,
+# whatever the encoders computed in. bf16 encoders (on a GPU) lose nothing in the widening, the
+# files are the same whichever machine wrote them, and the training step does its flow-matching
+# math in fp32 anyway; halving the memory with bf16 would save about 100 MB on the seed's 100
+# images. Caches written in bf16 (earlier versions, on a GPU) are widened as they are read. The
+# model casts its inputs to what the step computes in (its weights' dtype, then autocast's).
+CACHE_DTYPE = torch.float32
+
+
+def as_cached(t: torch.Tensor) -> torch.Tensor:
+    """A feature in the cache's dtype (floating tensors only: masks stay integers)."""
+    return t.to(CACHE_DTYPE) if t.is_floating_point() else t
 
 
 def image_hash(image) -> str:
@@ -50,14 +64,14 @@ class TensorStore:
     def __init__(self, path: Path, fingerprint: str):
         self.path = path
         self.fingerprint = fingerprint
-        self.tensors: dict[str, torch.Tensor] = load_file(path) if path.exists() else {}
+        self.tensors: dict[str, torch.Tensor] = _load(path) if path.exists() else {}
         self.dirty = False
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
-        self.tensors[name] = tensor.detach().to("cpu").contiguous()
+        self.tensors[name] = as_cached(tensor.detach().to("cpu")).contiguous()
         self.dirty = True
 
     def save(self) -> None:
@@ -95,26 +109,28 @@ def encode_dataset(
     """Fill the cache for every sample of the shards; encoders load only if something is missing."""
     cache_dir = Path(cache_dir)
     reader = ShardReader(shard_root)
-    samples = list(tqdm(reader, desc="read shards", unit="img"))
-    if not samples:
-        raise ValueError(f"no usable samples in {shard_root}: {reader.stats.summary()}")
-    for s in samples:
-        s["image_hash"], s["text_hash"] = image_hash(s["image"]), text_hash(s["caption"])
-
-    stores = _open_stores(cache_dir, spec, {s["bucket"] for s in samples})
+    with phase("data: reading shards"):
+        samples = list(tqdm(reader, desc="read shards", unit="img"))
+        if not samples:
+            raise ValueError(f"no usable samples in {shard_root}: {reader.stats.summary()}")
+        for s in samples:
+            s["image_hash"], s["text_hash"] = image_hash(s["image"]), text_hash(s["caption"])
+        stores = _open_stores(cache_dir, spec, {s["bucket"] for s in samples})
     todo = {
         "latents": [s for s in samples if s["image_hash"] not in stores["latents"][s["bucket"]]],
         "text": [s for s in samples if s["text_hash"] not in stores["text"]],
         "image": [s for s in samples if f"{s['image_hash']}.global" not in stores["image"][s["bucket"]]],
     }
     todo["text"] = list({s["text_hash"]: s for s in todo["text"]}.values())  # each caption once
-    encoders = load_encoders(spec, device) if any(todo.values()) else None
-    for kind, pending in todo.items():
-        for batch in _batches(pending, batch_size, desc=f"encode {kind}"):
-            _encode_batch(kind, batch, encoders, stores)
-
-    for store in _all(stores):
-        store.save()
+    if any(todo.values()):
+        with phase("data: loading encoders"):
+            encoders = load_encoders(spec, device)
+        with phase("data: encoding"):
+            for kind, pending in todo.items():
+                for batch in _batches(pending, batch_size, desc=f"encode {kind}"):
+                    _encode_batch(kind, batch, encoders, stores)
+            for store in _all(stores):
+                store.save()
     _write_manifest(cache_dir, spec, samples)
     reused = {kind: len(samples) - len(pending) for kind, pending in todo.items()}
     reused["text"] = len({s["text_hash"] for s in samples}) - len(todo["text"])
@@ -178,6 +194,7 @@ def _write_manifest(cache_dir: Path, spec: EncoderSpec, samples: list[dict]) -> 
     manifest = {
         "encoders": describe(spec),
         "fingerprints": {kind: spec.fingerprint(kind) for kind in ("latents", "text", "image")},
+        "dtype": str(CACHE_DTYPE).removeprefix("torch."),
         "samples": [
             {
                 "key": s["key"],
@@ -262,6 +279,7 @@ def load_cache(cache_dir: str | os.PathLike) -> tuple[dict, list[CachedBucket]]:
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
+    """A cache file's tensors in the cache's dtype."""
     if not path.exists():
         raise FileNotFoundError(f"feature cache file {path} is missing; run `nano-dit data encode` again")
-    return load_file(path)
+    return {name: as_cached(t) for name, t in load_file(path).items()}

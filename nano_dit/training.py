@@ -18,6 +18,7 @@ from .encoders import STAND_IN_MARKER, EncoderSpec, make_stand_in_encoders
 from .feature_cache import CachedBucket, EncodeReport, encode_dataset
 from .shards import write_shards
 from .synthetic import synthetic_samples
+from .timings import phase
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class TrainConfig:
     weight_decay: float = 0.03  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm
     ema_decay: float = 0.9999  # EMAModel max decay (with warmup)
-    mixed_precision: str = "no"  # "no", "fp16", "bf16": passed to Accelerate
+    mixed_precision: str | None = None  # "no", "fp16", "bf16"; unset: as `accelerate launch` says (flag or config)
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, more time
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (CUDA; pip install "nano-dit[gpu]")
     max_bad_steps: int = 10  # steps in a row with a non-finite loss or gradient that stop the run
@@ -168,6 +169,8 @@ class TrainConfig:
             raise ValueError("--text-guidance-scale and --image-guidance-scale must be >= 0")
         if self.lpips_backbone not in ("pretrained", "random", "none"):
             raise ValueError(f"--lpips-backbone must be pretrained, random or none, got {self.lpips_backbone!r}")
+        if self.mixed_precision not in (None, *MIXED_PRECISIONS):
+            raise ValueError(f"--mixed-precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
         if self.cache_on_device not in ("auto", "yes", "no"):
             raise ValueError(f"--cache-on-device must be auto, yes or no, got {self.cache_on_device!r}")
         if self.cpu_threads is not None and self.cpu_threads <= 0:
@@ -234,6 +237,7 @@ class TrainConfig:
 
 
 FAULTS = ("text-ignored", "dino-ignored", "bernoulli-cfg")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 def inject_fault(model: torch.nn.Module, fault: str | None) -> None:
@@ -317,11 +321,13 @@ def prepare_feature_cache(config: TrainConfig) -> EncodeReport:
     """
     shards = Path(config.shards)
     if config.synth_if_missing and not any(shards.glob("bucket_*/shard-*.tar")):
-        samples = synthetic_samples(config.num_images, config.resolution, config.seed)
-        write_shards(samples, shards, samples_per_shard=max(1, config.num_images // 5), overwrite=True)
+        with phase("data: synthetic set"):
+            samples = synthetic_samples(config.num_images, config.resolution, config.seed)
+            write_shards(samples, shards, samples_per_shard=max(1, config.num_images // 5), overwrite=True)
         logger.info("wrote %d synthetic images to %s", config.num_images, shards)
     if config.stand_in_encoders and not (Path(config.stand_in_encoders) / STAND_IN_MARKER).exists():
-        make_stand_in_encoders(config.stand_in_encoders, seed=config.seed)
+        with phase("data: stand-in encoders"):
+            make_stand_in_encoders(config.stand_in_encoders, seed=config.seed)
     return encode_dataset(shards, config.cache, config.encoder_spec())
 
 
