@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One prepared GPU check, meant to take under 5 minutes on one modern card (each step has a timeout): installs nothing the environment
-# already has, then prints the tables the README quotes, with the card's name:
+# One prepared GPU check: installs nothing the environment already has, then prints the tables the
+# README quotes, with the card's name:
+#   0. the README's seed command itself, end to end, as a user types it (nano preset, 512², 5,000
+#      steps, 5 validations; stand-in encoders and the synthetic set, since that machine has no
+#      Hub), under a wall-clock limit (SEED_LIMIT seconds, default 600), and its phase table
+#      (timings.json: data, model, first step, training, validations, checkpoints, export);
 #   1. bench_train: the nano preset at 512² (64² latents), batch 8, eager / compiled / unfused,
 #      peak memory, and the largest batch measured to fit in 4 and 8 GiB;
 #   2. bench_memory: the CPU-side prediction of the same step, beside it;
@@ -8,19 +12,21 @@
 #   4. bench_pipeline_cfg: the dual-CFG step against a plain forward;
 #   5. the tests that need CUDA (the pinned-memory batch path);
 #   6. the seed run projected from 1 and 3: 5,000 steps at batch 8 + 5 validations.
-# Usage: bash benchmarks/gpu_check.sh [OUT_DIR]   (each table also lands in OUT_DIR, default gpu_check/)
+# Usage: bash benchmarks/gpu_check.sh [OUT_DIR] [PARTS]   (each table also lands in OUT_DIR, default
+# gpu_check/; PARTS: "seed", "benches" or "seed benches", the default)
 #
 # A GPU machine with no network (PyTorch, transformers, accelerate present; the rest not): on a
 # machine with pip access, put the missing pure-Python wheels and this project's own in .whl/,
-#   pip download --no-deps --only-binary=:all: -d .whl diffusers lpips webdataset braceexpand importlib_metadata
+#   pip download --no-deps --only-binary=:all: -d .whl diffusers lpips webdataset braceexpand importlib_metadata stlpips-pytorch
 #   pip wheel --no-deps -w .whl .
 # and bring .whl/ along: they are installed from there, offline, into a scratch folder.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu_check}"
+parts="${2:-seed benches}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
-if ! "$py" -c "import nano_dit.pipelines, lpips, webdataset" 2>/dev/null; then
+if ! "$py" -c "import nano_dit.pipelines, lpips, webdataset, importlib.util as u; assert u.find_spec('stlpips_pytorch')" 2>/dev/null; then
   if [ -d .whl ]; then
     "$py" -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/nano_dit_site .whl/*.whl
     export PYTHONPATH="/tmp/nano_dit_site${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,6 +42,15 @@ run() {  # run NAME CMD...: print and keep its table; a failing bench does not h
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "(no nvidia-smi)"; } | tee "$out/gpu.txt"
 "$py" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" | tee -a "$out/gpu.txt"
+if [[ " $parts " == *" seed "* ]]; then
+  # The README's seed command, as typed (plus the offline machine's stand-ins and a fresh run folder).
+  run seed_run timeout "${SEED_LIMIT:-600}" "$py" -m accelerate.commands.launch --config_file accelerate_config.yaml \
+    train_nano_dit.py --preset nano --stand-in-encoders data/encoders/tiny --synth-if-missing \
+    --output-dir "$out/seed_run" --overwrite-output-dir
+  "$py" -c "import sys; from nano_dit.timings import read_timings, timings_table
+t = read_timings(sys.argv[1]); print('\n'.join(timings_table(t)) if t else '(no timings.json: the run did not get far)')" "$out/seed_run" | tee "$out/seed_phases.md"
+fi
+[[ " $parts " == *" benches "* ]] || exit 0
 run bench_train timeout 120 "$py" benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 --compile --unfused --fit-gb 4 8
 run bench_memory timeout 45 "$py" benchmarks/bench_memory.py --batch-sizes 8 16
 run bench_validate timeout 150 "$py" benchmarks/bench_validate.py --device cuda --compile
