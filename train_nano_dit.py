@@ -58,6 +58,13 @@ SIGMA_BINS = 4  # the tracker gets the loss per quarter of the noise range
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Train; returns the last validation's results. Every phase below, and in the helpers it
+    calls, is timed into `<output-dir>/timings.json`."""
+    with PhaseTimer() as timer:
+        return train(argv, timer)
+
+
+def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
     # ---------------------------------------------------------------- setup
     started = time.perf_counter()
     config = parse_config(argv)
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_dir = config.checkpoints
     check_output_dir(config, ckpt_dir, remove=accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    timer = PhaseTimer(accelerator.device).__enter__()  # phases below, and in the helpers, are timed
+    timer.device = accelerator.device  # phases end when the device's queued work has
 
     # ---------------------------------------------------------------- data
     with accelerator.main_process_first():  # one process encodes, the others then read the cache
@@ -148,7 +155,6 @@ def main(argv: list[str] | None = None) -> dict:
     log_path = os.path.join(ckpt_dir, "training_log.jsonl")
     run = dict(accelerator=accelerator, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
     run["params"] = list(model.parameters())  # walked once, not at every clip and EMA update
-    run["timer"] = timer
     settings = {"device": describe_device(accelerator.device), "mixed_precision": config.mixed_precision}
     settings.update(compile=config.compile, start_step=start_step)  # a resumed run times its own steps
     run["timings"] = RunTimings(config.output_dir, timer, settings, started)
@@ -168,7 +174,6 @@ def main(argv: list[str] | None = None) -> dict:
             result = export_final(config, run, buckets, cfg_dropout.scheme)
         run["timings"].save()  # timings.json, then RESULTS.md with every phase, export included
         run["validator"].report()
-    timer.__exit__(None, None, None)
     accelerator.end_training()
     return result
 
@@ -254,7 +259,8 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
     start, pending, bad_in_a_row = time.perf_counter(), [], 0
     samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     bin_sums = bin_counts = torch.zeros(SIGMA_BINS, device=accelerator.device)
-    timer, timed_before, loop_start = run["timer"], sum(run["timer"].seconds.values()), time.perf_counter()
+    timer = run["timings"].timer
+    timed_before, loop_start = sum(timer.seconds.values()), time.perf_counter()
     for step in range(start_step + 1, config.total_steps + 1):
         try:
             # The first step apart: it compiles (--compile) and warms the allocator and kernels.

@@ -10,7 +10,9 @@ stand-in VAE on the CPU, `--vae` to choose), a 768-wide stand-in T5 for the edit
 LPIPS on a randomly initialised AlexNet (the same work as the real one). The cache holds the
 synthetic set's captions and layouts (so the text edits have targets) with random latents and
 DINOv3 embeddings. Sampling runs as validation does: batched across images and CFG branches,
-under `torch.inference_mode`, bf16 autocast on CUDA. Prints one table.
+under `torch.inference_mode`, bf16 autocast on CUDA. Prints one table: seconds per validation and
+their split (sampling holds compilation on a first compiled call), and how many graphs dynamo has
+compiled so far (one per batch shape the tests sample at).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="image side (default: 512 on CUDA, 128 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: 50 on CUDA, 10 on CPU)")
     parser.add_argument("--vae", choices=("flux", "stand-in"), default=None, help="default: flux on CUDA")
-    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="bf16", help="autocast (CUDA only)")
+    parser.add_argument(
+        "--mixed-precision", choices=("no", "bf16"), default=None, help="autocast (default: bf16 on CUDA)"
+    )
     parser.add_argument("--compile", action="store_true", help="also time compiled sampling")
     parser.add_argument("--repeats", type=int, default=2, help="validations per mode (the first is cold)")
     args = parser.parse_args()
@@ -53,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     args.resolution = args.resolution or (512 if cuda else 128)
     args.steps = args.steps or (50 if cuda else 10)
     args.vae = args.vae or ("flux" if cuda else "stand-in")
+    args.mixed_precision = args.mixed_precision or ("bf16" if cuda else "no")
     return args
 
 
@@ -129,8 +134,10 @@ def main() -> None:
             f"{args.images} images at {args.resolution}², {args.steps} Euler steps x 3 CFG branches, "
             f"{sampled} images sampled, VAE: {args.vae}; {device} ({name})"
         )
-        print("| mode | call | seconds | sampled images/s |")
-        print("| --- | --- | ---: | ---: |")
+        print(
+            "| mode | call | seconds | sampled images/s | sampling | decoding | metrics | writing | graphs compiled |"
+        )
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for compiled in (False, True) if args.compile else (False,):
             sampling = SamplingConfig(
                 num_inference_steps=args.steps, mixed_precision=args.mixed_precision, compile=compiled
@@ -138,12 +145,20 @@ def main() -> None:
             for repeat in range(args.repeats):
                 sync(device)
                 start = time.perf_counter()
-                run_validation(pipe, buckets, Path(tmp) / f"run{compiled}{repeat}", metrics, sampling, step=0)
+                results = run_validation(pipe, buckets, Path(tmp) / f"run{compiled}{repeat}", metrics, sampling, 0)
                 sync(device)
                 seconds = time.perf_counter() - start
                 call = "first (with compilation)" if compiled and repeat == 0 else ("first" if repeat == 0 else "warm")
                 mode = "compiled" if compiled else "eager"
-                print(f"| {mode} | {call} | {seconds:.1f} | {sampled / seconds:.1f} |")
+                split = [
+                    results["timings"]["phases"].get(k, 0.0) for k in ("sampling", "decoding", "metrics", "writing")
+                ]
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # compiled so far, all shapes
+                print(
+                    f"| {mode} | {call} | {seconds:.1f} | {sampled / seconds:.1f} | "
+                    + " | ".join(f"{x:.1f}" for x in split)
+                    + f" | {graphs} |"
+                )
 
 
 if __name__ == "__main__":

@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed-precision",
         choices=("no", "bf16", "fp16"),
         default=None,
-        help="sample under autocast on CUDA (default: the run's)",
+        help="sample under autocast (default: the precision the run trained in)",
     )
     val.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     val.set_defaults(func=_validate)

@@ -124,7 +124,7 @@ class TrainConfig:
     text_guidance_scale: float = 3.0  # dual CFG text scale for validation
     image_guidance_scale: float = 2.0  # dual CFG image scale for validation
     guidance_mode: str = "nested"  # "nested" (measured better on the demo) or "independent" (the seed's)
-    lpips_backbone: str = "pretrained"  # "pretrained" AlexNet (downloaded once), "random" (tests) or "none"
+    lpips_backbone: str = "pretrained"  # LPIPS AlexNet: "pretrained" (cached / fetched once), "random" or "none"
     fault: str | None = None  # validation-power experiments only: text-ignored, dino-ignored, bernoulli-cfg
     push_to_hub: bool = False  # upload checkpoint_final to the Hub at the end (token: HF_TOKEN or `hf auth login`)
     hub_model_id: str | None = None  # the Hub repo for --push-to-hub (default: the output folder's name)

@@ -96,3 +96,23 @@ def test_a_new_resolution_recomputes_the_images_but_not_the_captions(tmp_path, s
     write_shards(synthetic_samples(4, 64), tmp_path / "shards", overwrite=True)
     report = _encode(tmp_path / "shards", tmp_path / "cache", spec)
     assert report.encoded == {"latents": 4, "text": 0, "image": 4}
+
+
+def test_bf16_encoders_write_an_fp32_cache_that_loses_nothing(tmp_path, stand_in_dir):
+    """On a GPU the encoders run in bf16 (run here on the CPU): the cache holds their outputs
+    widened to fp32, exactly, and says so in its manifest."""
+    write_shards(synthetic_samples(4, 32), tmp_path / "shards", samples_per_shard=4)
+    spec = EncoderSpec.stand_in(stand_in_dir)
+    encode_dataset(
+        tmp_path / "shards",
+        tmp_path / "cache",
+        spec,
+        device="cpu",
+        load_encoders=lambda spec, device: ConditioningEncoders(spec, device, dtype=torch.bfloat16),
+    )
+    manifest, (bucket,) = load_cache(tmp_path / "cache")
+    assert manifest["dtype"] == "float32"
+    for name in ("latents", "text_embeds", "image_embeds", "image_tokens"):
+        t = getattr(bucket, name)
+        assert t.dtype == torch.float32, name
+        torch.testing.assert_close(t, t.bfloat16().float(), rtol=0, atol=0)  # bf16 values, widened exactly
