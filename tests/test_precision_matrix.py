@@ -13,7 +13,11 @@ each through training, a resume, a validation and a pipeline call fed the cache'
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +220,28 @@ def test_an_explicit_flag_wins_over_accelerate_launch(
         )
     )
     assert json.loads((run / "config.json").read_text())["mixed_precision"] == "no"
+
+
+@pytest.mark.slow
+def test_the_readme_launch_with_its_config_file_trains_in_bf16(caches, stand_in_dir, tmp_path):
+    """`accelerate launch --config_file accelerate_config.yaml train_nano_dit.py ...`, the README's
+    seed command: the file's `mixed_precision: bf16` is what the run trains in."""
+    root = Path(__file__).parents[1]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(root / "accelerate_config.yaml"),
+    ]
+    args = _run_args(caches, "bf16", stand_in_dir, tmp_path / "run", False, "--total-steps", "2", "--no-validation")
+    result = subprocess.run(
+        [*launch, str(root / "train_nano_dit.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["mixed_precision"] == "bf16"
+    assert json.loads((tmp_path / "run" / "timings.json").read_text())["mixed_precision"] == "bf16"
