@@ -161,6 +161,8 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
     run["validator"] = Validator(
         config, buckets, cfg_dropout.scheme, bool(stand_in), accelerator, ema, log_path, run["timings"]
     )
+    if accelerator.is_main_process:
+        run["timings"].save()  # the data and model phases, before the loop (rewritten as the run goes)
     with JsonlLog(
         log_path, enabled=accelerator.is_main_process, resume_step=start_step if config.resume else None
     ) as log:
