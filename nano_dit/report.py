@@ -311,8 +311,8 @@ def _markdown(step, folder: Path | None, run_dir: Path, results, indicators, dec
     lines += [
         f"Sampling: {s['num_inference_steps']} Euler steps, dual CFG ({s['guidance_mode']}) text "
         f"{s['text_guidance_scale']} / image {s['image_guidance_scale']}, seed {s['seed']}. "
-        "ST-LPIPS: AlexNet, pretrained (stlpips-pytorch). "
-        f"LPIPS: {lp['backbone'] if lp['available'] else 'unavailable — ' + lp['reason']}. "
+        + (f"ST-LPIPS: {results['stlpips']['weights']}. " if "stlpips" in results else "")
+        + f"LPIPS: {lp['backbone'] if lp['available'] else 'unavailable — ' + lp['reason']}. "
         f'Distances for "closer to" and sensitivity: {results["distance"].upper()}. Ground truth: {results["ground_truth"]}.',
         "",
         *table,

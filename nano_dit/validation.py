@@ -370,6 +370,7 @@ def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info:
         "step": step,
         **(info or {}),
         "sampling": asdict(sampling),
+        "stlpips": {"available": True, "weights": "stlpips-pytorch, vST0.0 AlexNet (pretrained)"},
         "lpips": metrics.describe,
         "distance": metrics.distance_name,
         "ground_truth": "cached latents decoded by the VAE" if pipe.vae is not None else "the images (pixel mode)",
