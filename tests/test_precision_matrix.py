@@ -164,37 +164,18 @@ def test_the_cache_has_one_dtype_whatever_wrote_it(caches):
     torch.testing.assert_close(bf16.latents, fp32.latents.bfloat16().float(), rtol=0, atol=0)
 
 
+def _two_steps(caches, stand_in_dir, run, *flags):
+    """Two training steps on the fp32 cache, no validation."""
+    args = ("--total-steps", "2", "--no-validation", *flags)
+    train_nano_dit.main(_run_args(caches, "fp32", stand_in_dir, run, False, *args))
+
+
 @pytest.mark.slow
 def test_nano_dit_validate_reads_a_bf16_cache(caches, stand_in_dir, tmp_path, fresh_accelerate_state):
     run = tmp_path / "run"
-    train_nano_dit.main(
-        _run_args(
-            caches,
-            "fp32",
-            stand_in_dir,
-            run,
-            False,
-            "--total-steps",
-            "2",
-            "--no-validation",
-            "--mixed-precision",
-            "bf16",
-        )
-    )
+    _two_steps(caches, stand_in_dir, run, "--mixed-precision", "bf16")
     checkpoint = run / "checkpoints" / "checkpoint_step0000002"
-    cli_main(
-        [
-            "validate",
-            "--checkpoint",
-            str(checkpoint),
-            "--cache",
-            str(caches["bf16"]),
-            "--steps",
-            "2",
-            "--lpips-backbone",
-            "none",
-        ]
-    )
+    cli_main(["validate", "--checkpoint", str(checkpoint), "--cache", str(caches["bf16"]), "--steps", "2"])
     results = json.loads((run / "validation" / "step0000002" / "results.json").read_text())
     assert results["sampling"]["mixed_precision"] == "bf16"  # as the run trained
     assert torch.isfinite(torch.tensor(results["reconstruction"]["mean_stlpips"]))
@@ -204,22 +185,8 @@ def test_an_explicit_flag_wins_over_accelerate_launch(
     caches, stand_in_dir, tmp_path, monkeypatch, fresh_accelerate_state
 ):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    run = tmp_path / "run"
-    train_nano_dit.main(
-        _run_args(
-            caches,
-            "fp32",
-            stand_in_dir,
-            run,
-            False,
-            "--total-steps",
-            "2",
-            "--no-validation",
-            "--mixed-precision",
-            "no",
-        )
-    )
-    assert json.loads((run / "config.json").read_text())["mixed_precision"] == "no"
+    _two_steps(caches, stand_in_dir, tmp_path / "run", "--mixed-precision", "no")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["mixed_precision"] == "no"
 
 
 @pytest.mark.slow
