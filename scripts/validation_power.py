@@ -3,6 +3,8 @@ which go / no-go indicators fire.
 
     python scripts/validation_power.py                  # all runs, into runs/validation_power/
     python scripts/validation_power.py --only good text-ignored
+    python scripts/validation_power.py --rejudge        # no training: the runs there, judged anew
+                                                        # with the preset's current thresholds
 
 Faults: the text ignored and the DINOv3 embedding ignored (the model's input zeroed in every
 forward, as a wiring bug would), the seed's old independent-Bernoulli CFG dropout, and a learning
@@ -34,6 +36,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(RUNS), default=list(RUNS), help="which runs")
     parser.add_argument("--out", default="runs/validation_power", help="folder of the runs and the table")
+    parser.add_argument(
+        "--rejudge", action="store_true", help="judge the runs already in --out with the current thresholds"
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more trainer flags for every run, after --")
     args = parser.parse_args()
     spec = importlib.util.spec_from_file_location("train_nano_dit", ROOT / "train_nano_dit.py")
@@ -43,20 +48,38 @@ def main() -> None:
     rows = {}
     for name in args.only:
         out = Path(args.out) / name
-        shutil.rmtree(out, ignore_errors=True)
         flags = ["--preset", "demo", "--output-dir", str(out), *RUNS[name], *[x for x in args.extra if x != "--"]]
-        print(f"== {name}: train_nano_dit.py {' '.join(flags)}", flush=True)
         config = trainer.parse_config(flags)
-        flags += ["--validation-every", str(config.total_steps)]  # one validation, at the end
-        try:
-            trainer.main(flags)
-        except RuntimeError as err:  # K non-finite steps in a row: the run stops, its log is judged
-            print(f"   {name} stopped: {str(err).split(':')[0]}")
-        summary = json.loads((out / "validation" / "verdict.json").read_text())
+        if args.rejudge:
+            summary = rejudge(out, config)
+        else:
+            print(f"== {name}: train_nano_dit.py {' '.join(flags)}", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+            flags += ["--validation-every", str(config.total_steps)]  # one validation, at the end
+            try:
+                trainer.main(flags)
+            except RuntimeError as err:  # K non-finite steps in a row: the run stops, its log is judged
+                print(f"   {name} stopped: {str(err).split(':')[0]}")
+            summary = json.loads((out / "validation" / "verdict.json").read_text())
         rows[name] = {"verdict": summary["verdict"], "indicators": {i["name"]: i for i in summary["indicators"]}}
     table = _table(rows)
     print(table)
     Path(args.out, "table.md").write_text(table + "\n")
+
+
+def rejudge(out: Path, config) -> dict:
+    """A finished run's report written again with the preset's current thresholds."""
+    from nano_dit.report import read_log, write_report
+
+    log = read_log(out / "checkpoints" / "training_log.jsonl")
+    return write_report(
+        out,
+        config.thresholds(),
+        config.warmup_steps,
+        scheme=config.cfg_dropout().scheme,
+        stand_in=True,
+        stopped=log[-1]["step"] < config.total_steps,  # the log keeps every step up to a stop
+    )
 
 
 def _table(rows: dict) -> str:
