@@ -159,7 +159,7 @@ def timings_table(timings: dict) -> list[str]:
         f"| **whole run** | **{total:.1f}** | |",
     ]
     train = timings.get("training") or {}
-    if train.get("steps"):
+    if train.get("steps", 0) > 1:  # a rate needs steps after the first
         memory = train.get("peak_memory_gib")
         lines += [
             "",

@@ -101,6 +101,8 @@ class ImageMetrics:
             "random" (randomly initialised: for tests, never for a verdict) or "none".
     """
 
+    distance_name = "stlpips"  # what decides "closer to" and the sensitivities
+
     def __init__(self, device="cpu", backbone: str = "pretrained", chunk: int = 32):
         if backbone not in ("pretrained", "random", "none"):
             raise ValueError(f"LPIPS backbone must be 'pretrained', 'random' or 'none', got {backbone!r}")
@@ -114,8 +116,6 @@ class ImageMetrics:
             return {"available": False, "reason": self.lpips_reason}
         backbone = "AlexNet, torchvision weights" if self.backbone == "pretrained" else "AlexNet, RANDOM weights"
         return {"available": True, "backbone": backbone}
-
-    distance_name = "stlpips"  # what decides "closer to" and the sensitivities
 
     def lpips(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Per-image LPIPS on the metric's device, `chunk` images per call; None without a backbone."""

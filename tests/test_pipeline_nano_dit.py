@@ -187,6 +187,20 @@ def test_callback_on_step_end_sees_and_may_replace_the_latents(tiny_model, tiny_
     assert torch.equal(out.images, torch.zeros(2, 4, 8, 8))
 
 
+def test_under_bf16_autocast_the_guided_step_runs_in_fp32_and_the_latents_stay_fp32(tiny_model, tiny_config):
+    """Validation samples an fp32 pipeline under bf16 autocast (as the run trained): the branches
+    come out in bf16, but the guided sum (weights −1, −1, 3) and the Euler step are fp32."""
+    seen = []
+    tiny_model.register_forward_hook(lambda m, args, out: seen.append(out.sample.dtype))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    args = dict(**_conditions(tiny_config), latents=latents, num_inference_steps=4, output_type="latent")
+    reference = _pipe(tiny_model)(**args).images
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _pipe(tiny_model)(**args).images
+    assert seen[-1] == torch.bfloat16 and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, rtol=0.05, atol=0.05)
+
+
 def test_load_with_torch_dtype(tiny_model, tmp_path):
     _pipe(tiny_model).save_pretrained(tmp_path)
     pipe = NanoDiTPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
