@@ -134,13 +134,19 @@ class NanoDiTPipeline(DiffusionPipeline):
         """DINOv3 embeddings of reference image(s): the global one `(B, image_embed_dim)` (the
         pooled CLS token) and the patch tokens `(B, M, image_embed_dim)`.
 
-        `image`: a PIL image, a list of them, or a float tensor `(B, 3, H, W)` in [0, 1].
+        `image`: a PIL image or a list of them; a float tensor `(B, 3, H, W)` or `(3, H, W)` in
+        [0, 1]; a NumPy array `(H, W, 3)` or `(B, H, W, 3)`, float in [0, 1] or uint8 (diffusers'
+        conventions). All give the same features for the same picture.
         """
         if self.image_encoder is None or self.image_processor is None:
             raise ValueError("image needs an image_encoder and an image_processor; pass image_embeds instead")
         images = _as_image_list(image)
         device = device or self._execution_device
-        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
+        if all(isinstance(im, PIL.Image.Image) for im in images):  # uint8 pixels: the processor rescales
+            pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
+        else:  # already in [0, 1]: rescaling by 1/255 again would leave a near-blank image
+            unit = [_in_unit_range(im) for im in images]
+            pixels = self.image_processor(images=unit, do_rescale=False, return_tensors="pt").pixel_values
         out = self.image_encoder(pixel_values=pixels.to(device=device, dtype=self.image_encoder.dtype))
         first_patch = 1 + getattr(self.image_encoder.config, "num_register_tokens", 0)
         return out.pooler_output, out.last_hidden_state[:, first_patch:]
@@ -184,8 +190,9 @@ class NanoDiTPipeline(DiffusionPipeline):
 
         Args:
             prompt: text, encoded with the pipeline's T5; or give `prompt_embeds` (+ mask).
-            image: reference image(s) for DINOv3 (PIL, list of PIL, or a (B, 3, H, W) tensor in
-                [0, 1]); or give `image_embeds` (and `image_tokens` for a model that uses them).
+            image: reference image(s) for DINOv3 (PIL, list of PIL, a (B, 3, H, W) tensor in [0, 1],
+                or a NumPy (B, H, W, 3) array, float in [0, 1] or uint8); or give `image_embeds`
+                (and `image_tokens` for a model that uses them).
             text_guidance_scale, image_guidance_scale: s_t and s_i (≥ 0).
             guidance_mode: "nested" (the default: it evaluates both conditions together, the mode
                 70 % of training teaches, and measured better on the demo; see the README) or
@@ -447,11 +454,30 @@ def _as_image_list(image) -> list:
                 f"image tensor must be float (B, 3, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}"
             )
         return list(image)
+    if isinstance(image, np.ndarray) and image.ndim == 4:  # (B, H, W, 3)
+        return list(image)
     images = list(image) if isinstance(image, (list, tuple)) else [image]
     bad = [type(im).__name__ for im in images if not isinstance(im, (PIL.Image.Image, np.ndarray, torch.Tensor))]
     if not images or bad:
         raise ValueError(f"image must be a PIL image, a list of them or a (B, 3, H, W) tensor, got {bad or image!r}")
     return images
+
+
+def _in_unit_range(image) -> np.ndarray:
+    """One reference image as a float (H, W, 3) array in [0, 1]: PIL and uint8 arrays are divided by
+    255, float tensors (3, H, W) and arrays (H, W, 3) are checked to lie in [0, 1] already."""
+    if isinstance(image, PIL.Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().permute(1, 2, 0).numpy()  # (3, H, W) -> (H, W, 3)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"a NumPy image must be (H, W, 3) or (B, H, W, 3), got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    low, high = float(image.min()), float(image.max())
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"float image values must lie in [0, 1], got [{low:.3g}, {high:.3g}]")
+    return image.astype(np.float32)
 
 
 def _per_image(t: torch.Tensor | None, n: int, device, dtype=None) -> torch.Tensor | None:

@@ -318,3 +318,31 @@ def test_a_prompt_and_a_reference_image_give_the_same_images_as_their_embeddings
 def test_bad_prompts_and_images_name_the_argument(encoder_pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         encoder_pipe(**kwargs, num_inference_steps=1)
+
+
+def test_a_reference_image_as_pil_tensor_or_numpy_gives_the_same_dinov3_features(encoder_pipe):
+    """A float tensor in [0, 1], as the docstring invites, was once rescaled by 1/255 a second time
+    (pixels near −2, a blank image to DINOv3). Every form of the same picture must agree."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    uint8 = (torch.rand(2, 40, 48, 3, generator=g) * 255).round().byte().numpy()  # (B, H, W, 3)
+    pil = [Image.fromarray(a) for a in uint8]
+    reference, reference_tokens = encoder_pipe.encode_image(pil)
+    forms = {
+        "tensor (B, 3, H, W)": torch.from_numpy(uint8).permute(0, 3, 1, 2).float() / 255,
+        "list of tensors (3, H, W)": list(torch.from_numpy(uint8).permute(0, 3, 1, 2).float() / 255),
+        "float array (B, H, W, 3)": uint8.astype(np.float32) / 255,
+        "uint8 array (B, H, W, 3)": uint8,
+        "list of uint8 arrays": list(uint8),
+    }
+    for name, image in forms.items():
+        embeds, tokens = encoder_pipe.encode_image(image)
+        torch.testing.assert_close(embeds, reference, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(tokens, reference_tokens, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_a_float_image_outside_0_1_is_refused_naming_its_range(encoder_pipe):
+    with pytest.raises(ValueError, match=r"float image values must lie in \[0, 1\], got \[0, 255\]"):
+        encoder_pipe.encode_image(torch.full((1, 3, 32, 32), 255.0).index_fill_(1, torch.tensor([0]), 0.0))
