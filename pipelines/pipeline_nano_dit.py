@@ -243,9 +243,15 @@ class NanoDiTPipeline(DiffusionPipeline):
             torch.tensor([BRANCHES[b][i] for b in weights for _ in range(batch)], device=device) for i in (0, 1)
         )  # (K·B,) each, K = number of branches
         k = len(weights)
+        # What diffusers' callbacks read (properties below), as its pipelines expose it.
+        self._guidance_scale, self._image_guidance_scale = text_guidance_scale, image_guidance_scale
+        self._do_classifier_free_guidance = k > 1
+        self._num_timesteps, self._interrupt = len(self.scheduler.timesteps), False
 
         # 3. Euler steps; all branches in one forward.
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:  # set by a callback: the remaining steps are skipped
+                continue
             v_all = self.transformer(
                 latents.repeat(k, 1, 1, 1),  # (K·B, C, h, w)
                 t.expand(k * batch),
@@ -270,6 +276,32 @@ class NanoDiTPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    # ----------------------------------------------------------------------------------------
+    # The sampling call's state, as diffusers pipelines expose it to `callback_on_step_end`
+    # ----------------------------------------------------------------------------------------
+    @property
+    def guidance_scale(self) -> float:
+        """The text guidance scale of the call in progress."""
+        return self._guidance_scale
+
+    @property
+    def image_guidance_scale(self) -> float:
+        return self._image_guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the call runs more than one conditioning branch per step."""
+        return self._do_classifier_free_guidance
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """A callback sets `pipe._interrupt = True` to stop sampling after the current step."""
+        return self._interrupt
 
     # ----------------------------------------------------------------------------------------
     def check_inputs(

@@ -346,3 +346,28 @@ def test_a_reference_image_as_pil_tensor_or_numpy_gives_the_same_dinov3_features
 def test_a_float_image_outside_0_1_is_refused_naming_its_range(encoder_pipe):
     with pytest.raises(ValueError, match=r"float image values must lie in \[0, 1\], got \[0, 255\]"):
         encoder_pipe.encode_image(torch.full((1, 3, 32, 32), 255.0).index_fill_(1, torch.tensor([0]), 0.0))
+
+
+def test_callbacks_read_the_call_state_and_may_interrupt_as_in_diffusers(tiny_model, tiny_config):
+    seen, at_step_1 = [], {}
+
+    def callback(pipe, i, t, tensors):
+        seen.append((i, pipe.num_timesteps, pipe.guidance_scale, pipe.image_guidance_scale))
+        assert pipe.do_classifier_free_guidance
+        if i == 1:
+            at_step_1["latents"] = tensors["latents"].clone()
+            pipe._interrupt = True  # diffusers' way to stop early
+        return {}
+
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = _pipe(tiny_model)(
+        **_conditions(tiny_config),
+        latents=latents,
+        num_inference_steps=4,
+        text_guidance_scale=2.5,
+        image_guidance_scale=1.5,
+        output_type="latent",
+        callback_on_step_end=callback,
+    ).images
+    assert seen == [(0, 4, 2.5, 1.5), (1, 4, 2.5, 1.5)]  # no step after the interrupt
+    assert torch.equal(out, at_step_1["latents"])
