@@ -1,6 +1,6 @@
 """WebDataset shards grouped by aspect bucket: buckets, image normalisation, writer and reader.
 
-Layout (DESIGN.md): `<root>/bucket_<W>x<H>/shard-<00000>.tar`, members `<key>.png|jpg` (image),
+Layout: `<root>/bucket_<W>x<H>/shard-<00000>.tar`, members `<key>.png|jpg` (image),
 `<key>.txt` (caption, UTF-8) and optionally `<key>.json` (metadata).
 
 Reading goes through `webdataset`'s tar iterators. Bad samples never stop a run and are never

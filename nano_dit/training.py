@@ -23,7 +23,7 @@ from .timings import phase
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
-# Presets: the one table of model sizes and run lengths (DESIGN.md, "Presets").
+# Presets: the one table of model sizes and run lengths.
 # --------------------------------------------------------------------------------------------
 PRESETS: dict[str, dict] = {
     # The seed's validation run: 100 images at 512², Flux VAE latents, real encoders, one 24 GB GPU.
