@@ -150,7 +150,7 @@ embedding (adaLN), with mutually exclusive classifier-free-guidance dropout
 from nano_dit import NanoDiTPipeline  # pip install nano-dit
 
 pipe = NanoDiTPipeline.from_pretrained("{{ repo_id }}")
-image = pipe("a caption", image=reference_image, text_guidance_scale=3.0, image_guidance_scale=2.0).images[0]
+image = pipe("a caption", image=reference_image, guidance_scale=3.0, image_guidance_scale=2.0).images[0]
 ```
 
 Without nano-dit installed, diffusers runs the pipeline and transformer code this repository carries:

@@ -319,7 +319,7 @@ def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, 
                 height=noise.shape[-2] * pipe.vae_scale_factor,  # the bucket's size, not the default
                 width=noise.shape[-1] * pipe.vae_scale_factor,
                 num_inference_steps=sampling.num_inference_steps,
-                text_guidance_scale=sampling.text_guidance_scale,
+                guidance_scale=sampling.text_guidance_scale,
                 image_guidance_scale=sampling.image_guidance_scale,
                 guidance_mode=sampling.guidance_mode,
                 output_type="latent",

@@ -18,6 +18,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
+from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
 GUIDANCE_MODES = ("independent", "nested")
@@ -162,7 +163,7 @@ class NanoDiTPipeline(DiffusionPipeline):
         prompt_attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
-        text_guidance_scale: float = 3.0,
+        guidance_scale: float = 3.0,
         image_guidance_scale: float = 2.0,
         guidance_mode: str = "nested",
         num_inference_steps: int = 50,
@@ -175,6 +176,7 @@ class NanoDiTPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        **kwargs,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images from a prompt and a reference image, with dual classifier-free guidance.
 
@@ -193,7 +195,9 @@ class NanoDiTPipeline(DiffusionPipeline):
             image: reference image(s) for DINOv3 (PIL, list of PIL, a (B, 3, H, W) tensor in [0, 1],
                 or a NumPy (B, H, W, 3) array, float in [0, 1] or uint8); or give `image_embeds`
                 (and `image_tokens` for a model that uses them).
-            text_guidance_scale, image_guidance_scale: s_t and s_i (≥ 0).
+            guidance_scale, image_guidance_scale: the text scale s_t and the image scale s_i (≥ 0),
+                diffusers' names for them (as InstructPix2Pix); `text_guidance_scale`, the old
+                name of the first, still works and is deprecated.
             guidance_mode: "nested" (the default: it evaluates both conditions together, the mode
                 70 % of training teaches, and measured better on the demo; see the README) or
                 "independent" (the seed's formula).
@@ -209,9 +213,13 @@ class NanoDiTPipeline(DiffusionPipeline):
         Returns:
             `ImagePipelineOutput` with `images`, or a 1-tuple when `return_dict=False`.
         """
+        old_name = deprecate(
+            "text_guidance_scale", "1.0.0", "Pass `guidance_scale` (the text scale) instead.", take_from=kwargs
+        )  # also refuses any other unknown keyword, naming it
+        guidance_scale = guidance_scale if old_name is None else old_name
         device = self._execution_device
         self.check_inputs(
-            prompt, image, prompt_embeds, image_embeds, text_guidance_scale, image_guidance_scale, guidance_mode,
+            prompt, image, prompt_embeds, image_embeds, guidance_scale, image_guidance_scale, guidance_mode,
             num_inference_steps, num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs,
         )  # fmt: skip
 
@@ -223,7 +231,7 @@ class NanoDiTPipeline(DiffusionPipeline):
         if not getattr(self.transformer.config, "use_image_tokens", False):
             image_tokens = None
         if prompt_embeds is None:
-            text_guidance_scale = 0.0
+            guidance_scale = 0.0
         if image_embeds is None:
             image_guidance_scale = 0.0
             guidance_mode = "independent"  # nested without an image is this, in two branches not three
@@ -238,13 +246,13 @@ class NanoDiTPipeline(DiffusionPipeline):
         latents = self.prepare_latents(batch, height, width, generator, latents, device)
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        weights = guidance_weights(guidance_mode, text_guidance_scale, image_guidance_scale)
+        weights = guidance_weights(guidance_mode, guidance_scale, image_guidance_scale)
         drop_text, drop_image = (
             torch.tensor([BRANCHES[b][i] for b in weights for _ in range(batch)], device=device) for i in (0, 1)
         )  # (K·B,) each, K = number of branches
         k = len(weights)
         # What diffusers' callbacks read (properties below), as its pipelines expose it.
-        self._guidance_scale, self._image_guidance_scale = text_guidance_scale, image_guidance_scale
+        self._guidance_scale, self._image_guidance_scale = guidance_scale, image_guidance_scale
         self._do_classifier_free_guidance = k > 1
         self._num_timesteps, self._interrupt = len(self.scheduler.timesteps), False
 
@@ -310,7 +318,7 @@ class NanoDiTPipeline(DiffusionPipeline):
         image,
         prompt_embeds,
         image_embeds,
-        text_guidance_scale,
+        guidance_scale,
         image_guidance_scale,
         guidance_mode,
         num_inference_steps,
@@ -321,9 +329,9 @@ class NanoDiTPipeline(DiffusionPipeline):
         """Refuse bad arguments before any work, naming the argument."""
         if guidance_mode not in GUIDANCE_MODES:
             raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
-        if text_guidance_scale < 0 or image_guidance_scale < 0:
+        if guidance_scale < 0 or image_guidance_scale < 0:
             raise ValueError(
-                f"guidance scales must be >= 0, got text_guidance_scale={text_guidance_scale}, "
+                f"guidance scales must be >= 0, got guidance_scale={guidance_scale}, "
                 f"image_guidance_scale={image_guidance_scale}"
             )
         if prompt is not None and prompt_embeds is not None:

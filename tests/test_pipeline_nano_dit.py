@@ -68,7 +68,7 @@ def test_unit_nested_scales_run_the_conditional_branch_alone(tiny_config):
     _pipe(model)(
         **_conditions(tiny_config),
         num_inference_steps=3,
-        text_guidance_scale=1.0,
+        guidance_scale=1.0,
         image_guidance_scale=1.0,
         guidance_mode="nested",
         output_type="latent",
@@ -99,7 +99,7 @@ def test_save_and_load_give_identical_images(tiny_config, tmp_path):
     "kwargs,message",
     [
         ({"guidance_mode": "sum"}, "guidance_mode must be one of"),
-        ({"text_guidance_scale": -1.0}, "guidance scales must be >= 0"),
+        ({"guidance_scale": -1.0}, "guidance scales must be >= 0"),
         ({"height": 9}, "height and width must be multiples of 2, got height=9"),
     ],
 )
@@ -364,10 +364,23 @@ def test_callbacks_read_the_call_state_and_may_interrupt_as_in_diffusers(tiny_mo
         **_conditions(tiny_config),
         latents=latents,
         num_inference_steps=4,
-        text_guidance_scale=2.5,
+        guidance_scale=2.5,
         image_guidance_scale=1.5,
         output_type="latent",
         callback_on_step_end=callback,
     ).images
     assert seen == [(0, 4, 2.5, 1.5), (1, 4, 2.5, 1.5)]  # no step after the interrupt
     assert torch.equal(out, at_step_1["latents"])
+
+
+def test_guidance_scale_is_the_text_scale_and_the_old_name_still_works_with_a_warning(tiny_model, tiny_config):
+    args = dict(**_conditions(tiny_config), num_inference_steps=2, output_type="latent")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    new = _pipe(tiny_model)(**args, latents=latents, guidance_scale=2.5).images
+    with pytest.warns(FutureWarning, match="text_guidance_scale.*guidance_scale"):
+        old = _pipe(tiny_model)(**args, latents=latents, text_guidance_scale=2.5).images
+    assert torch.equal(old, new)
+    default = _pipe(tiny_model)(**args, latents=latents).images
+    assert not torch.equal(default, new)  # the scale took effect
+    with pytest.raises(TypeError, match="guidance_scal"):
+        _pipe(tiny_model)(**args, latents=latents, guidance_scal=2.5)
