@@ -111,6 +111,7 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["NanoDiTBlock"]
+    _repeated_blocks = ["NanoDiTBlock"]  # compile_repeated_blocks(): one block compiled, reused by all
     _skip_layerwise_casting_patterns = ["pos_embed", "norm"]
 
     @register_to_config

@@ -251,3 +251,17 @@ def test_the_inductor_compiled_model_matches_eager_in_fp32_and_within_bf16_toler
         out_c, grads_c = forward_backward(compiled, autocast)
         assert (out_c - out).abs().max() <= tol * out.abs().max()
         assert (grads_c - grads).norm() <= tol * grads.norm()
+
+
+def test_regional_compilation_compiles_each_block_and_changes_no_output(tiny_model, tiny_config):
+    """diffusers' `compile_repeated_blocks`: the blocks compiled in place ("eager" backend: graph
+    capture without code generation), the outputs and the state-dict names unchanged."""
+    torch._dynamo.reset()
+    inputs = make_inputs(tiny_config)
+    reference = _run(tiny_model, **inputs)
+    names = set(tiny_model.state_dict())
+    tiny_model.compile_repeated_blocks(backend="eager", fullgraph=True)
+    assert all(block._compiled_call_impl is not None for block in tiny_model.transformer_blocks)
+    assert tiny_model._compiled_call_impl is None  # the model around them stays eager
+    torch.testing.assert_close(_run(tiny_model, **inputs), reference)
+    assert set(tiny_model.state_dict()) == names
