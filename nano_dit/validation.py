@@ -35,6 +35,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +43,7 @@ from PIL import Image
 
 from .encoders import images_to_tensor
 from .feature_cache import CachedBucket
-from .offline import is_offline, network_attempt
+from .offline import network_attempt, unreachable
 from .perceptual import ShiftTolerantLPIPS
 from .sheets import contact_sheet
 from .synthetic import COLORS, POSITIONS, SHAPES, Layout, ShapeSpec, render
@@ -191,12 +192,13 @@ def _load_lpips(backbone: str, device: torch.device):
     import warnings
 
     import lpips
+    from torchvision.models import AlexNet_Weights
 
-    weights = alexnet_weights_path()
-    if backbone == "pretrained" and not weights.exists() and is_offline():
+    weights, host = alexnet_weights_path(), urlparse(AlexNet_Weights.IMAGENET1K_V1.url).netloc
+    if backbone == "pretrained" and not weights.exists() and unreachable(host):
         return None, f"AlexNet weights for LPIPS are not cached ({weights}) and this process is offline"
     try:
-        with warnings.catch_warnings(), network_attempt("AlexNet weights for LPIPS"):
+        with warnings.catch_warnings(), network_attempt(host):
             warnings.simplefilter("ignore")  # torchvision's deprecation notes about lpips' call
             model = lpips.LPIPS(net="alex", pnet_rand=backbone == "random", verbose=False)
     except OSError as err:  # no cached weights and no network: decide without LPIPS, saying so

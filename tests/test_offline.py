@@ -1,5 +1,5 @@
-"""Offline-safe: with HF_HUB_OFFLINE=1, or after one failed download, nothing tries the network
-again in the process, and validation still has a pretrained perceptual metric (ST-LPIPS)."""
+"""Offline-safe: with HF_HUB_OFFLINE=1 nothing reaches out, after one failed download nothing tries
+that host again in the process, and validation still has a pretrained perceptual metric (ST-LPIPS)."""
 
 import urllib.error
 
@@ -22,7 +22,7 @@ def no_cached_alexnet(tmp_path, monkeypatch):
         raise urllib.error.URLError("Network is unreachable")
 
     monkeypatch.setattr(torch.hub, "urlopen", unreachable)
-    monkeypatch.setattr(offline, "_failure", None)
+    monkeypatch.setattr(offline, "_unreachable", {})
     return attempts
 
 
@@ -46,24 +46,21 @@ def test_offline_the_alexnet_download_is_not_even_tried(no_cached_alexnet, monke
     assert metrics.distance_name == "stlpips" and metrics.distance(x, x).tolist() == [0.0, 0.0]
 
 
-def test_after_one_failed_download_nothing_tries_the_network_again(no_cached_alexnet, online_mode, monkeypatch):
+def test_after_one_failed_download_nothing_tries_that_host_again(no_cached_alexnet, online_mode, monkeypatch):
     first = ImageMetrics(backbone="pretrained")
     assert len(no_cached_alexnet) == 1 and "alexnet" in no_cached_alexnet[0]
     assert "could not be fetched" in first.describe["reason"]
-    assert offline.is_offline() and constants.HF_HUB_OFFLINE  # the Hub libraries are offline too now
+    assert offline.unreachable("download.pytorch.org")
 
     second = ImageMetrics(backbone="pretrained")
     assert len(no_cached_alexnet) == 1  # not tried again
     assert second.describe["available"] is False
-
-    import huggingface_hub.utils
-
-    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: pytest.fail("the Hub was asked again"))
-    offline.check_hub_reachable(["google/t5-v1_1-base"])
+    # PyTorch's download server is not the Hub: a run may still push its result at the end
+    assert not offline.is_offline() and not constants.HF_HUB_OFFLINE
 
 
-def test_an_unreachable_hub_is_asked_once(online_mode, monkeypatch):
-    monkeypatch.setattr(offline, "_failure", None)
+def test_an_unreachable_hub_is_asked_once_and_the_process_goes_offline(online_mode, monkeypatch):
+    monkeypatch.setattr(offline, "_unreachable", {})
     asked = []
 
     class Session:
@@ -81,7 +78,7 @@ def test_an_unreachable_hub_is_asked_once(online_mode, monkeypatch):
 
 
 def test_local_folders_need_no_network(tmp_path, online_mode, monkeypatch):
-    monkeypatch.setattr(offline, "_failure", None)
+    monkeypatch.setattr(offline, "_unreachable", {})
     import huggingface_hub.utils
 
     monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: pytest.fail("a local load asked the Hub"))
