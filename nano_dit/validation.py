@@ -177,11 +177,16 @@ def _perceptual_inputs(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, 
     return x * 2 - 1, y * 2 - 1
 
 
-def alexnet_weights_path() -> Path:
-    """Where torchvision keeps AlexNet's ImageNet weights once downloaded (torch.hub's cache)."""
+def _alexnet_url() -> str:
+    """Where torchvision downloads the AlexNet ImageNet weights LPIPS uses."""
     from torchvision.models import AlexNet_Weights
 
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(AlexNet_Weights.IMAGENET1K_V1.url).name
+    return AlexNet_Weights.IMAGENET1K_V1.url
+
+
+def alexnet_weights_path() -> Path:
+    """Where torchvision keeps AlexNet's ImageNet weights once downloaded (torch.hub's cache)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_alexnet_url()).name
 
 
 def _load_lpips(backbone: str, device: torch.device):
@@ -192,9 +197,8 @@ def _load_lpips(backbone: str, device: torch.device):
     import warnings
 
     import lpips
-    from torchvision.models import AlexNet_Weights
 
-    weights, host = alexnet_weights_path(), urlparse(AlexNet_Weights.IMAGENET1K_V1.url).netloc
+    weights, host = alexnet_weights_path(), urlparse(_alexnet_url()).netloc
     if backbone == "pretrained" and not weights.exists() and unreachable(host):
         return None, f"AlexNet weights for LPIPS are not cached ({weights}) and this process is offline"
     try:
