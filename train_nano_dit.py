@@ -287,7 +287,8 @@ def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_
                 )
         bin_sums, bin_counts = bin_sums + bins[0], bin_counts + bins[1]
         validating = config.validation and (step % config.validation_every == 0 or step == config.total_steps)
-        if step % config.log_every == 0 or step % config.checkpoint_every == 0 or validating:
+        last = step == config.total_steps  # the log ends with the run's last step, whatever the intervals
+        if last or step % config.log_every == 0 or step % config.checkpoint_every == 0 or validating:
             records = write_records(log, pending, samples_per_step, time.perf_counter() - start)
             scalars = {k: records[-1][k] for k in ("loss", "grad_norm", "lr", "ema_decay", "samples_per_s")}
             by_sigma = (bin_sums / bin_counts.clamp(min=1)).tolist()  # mean loss per σ bin since the last log

@@ -132,6 +132,15 @@ def test_a_cpu_run_uses_the_cores_unless_told(tmp_path, stand_in_dir, monkeypatc
         torch.set_num_threads(before)
 
 
+def test_a_run_ending_off_its_logging_interval_still_logs_its_last_steps(tmp_path, stand_in_dir):
+    train_nano_dit.main(
+        _demo_args(tmp_path, stand_in_dir, "--total-steps", "3", "--warmup-steps", "1", "--no-validation")
+    )  # --log-every and --checkpoint-every keep their defaults, far above 3
+    lines = (tmp_path / "run" / "checkpoints" / "training_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert "(step 3)" in (tmp_path / "run" / "RESULTS.md").read_text().splitlines()[0]  # the report sees them
+
+
 def test_the_tracker_gets_the_training_and_validation_figures(tmp_path, stand_in_dir, monkeypatch):
     from accelerate import Accelerator
 
