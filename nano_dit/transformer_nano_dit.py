@@ -17,16 +17,24 @@ A dropped condition (classifier-free guidance) is a per-sample boolean mask; the
 (DDP then needs no ``find_unused_parameters``), and sampling with CFG uses the very same masks.
 
 The pieces come from diffusers wherever it has them (``PatchEmbed``, ``AdaLayerNormZero``,
-``AdaLayerNormContinuous``, ``CombinedTimestepTextProjEmbeddings``, ``Attention`` with its SDPA
-processor, ``FeedForward``); what is ours is how they are put together.
+``AdaLayerNormContinuous``, ``CombinedTimestepTextProjEmbeddings``, ``FeedForward``, the attention
+dispatcher and its mixins); what is ours is how they are put together. The model class carries
+diffusers' model interfaces: attention processors and backends (``AttentionMixin``), LoRA
+adapters (``PeftAdapterMixin``), sampling caches (``CacheMixin``: First-Block, PAB, FasterCache,
+MagCache, TaylorSeer) and regional compilation (``_repeated_blocks``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import (
     CombinedTimestepTextProjEmbeddings,
     PatchEmbed,
@@ -35,7 +43,78 @@ from diffusers.models.embeddings import (
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
+from diffusers.utils import apply_lora_scale
 from torch import nn
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+class NanoDiTAttnProcessor:
+    """Projections to heads, then diffusers' attention dispatcher.
+
+    `dispatch_attention_fn` runs whichever backend the user chose: `model.set_attention_backend`
+    ("flash", "_native_cudnn", "sage", ...; stored on this processor), the `attention_backend(...)`
+    context manager, or `DIFFUSERS_ATTN_BACKEND`; PyTorch's SDPA ("native") by default. Tokens
+    stay in the dispatcher's (B, S, heads, head_dim) layout throughout.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: NanoDiTAttention,
+        hidden_states: torch.Tensor,  # (B, N, D)
+        encoder_hidden_states: torch.Tensor | None = None,  # (B, S, D): cross-attention context
+        attention_mask: torch.Tensor | None = None,  # (B, 1, 1, S) bool, True = attend
+    ) -> torch.Tensor:
+        if attn.fused_projections and encoder_hidden_states is None:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        elif attn.fused_projections:
+            query = attn.to_q(hidden_states)
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        query, key, value = (t.unflatten(-1, (attn.heads, -1)) for t in (query, key, value))
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=None
+        )  # (B, N, heads, head_dim)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class NanoDiTAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head attention with diffusers' attention interface.
+
+    `AttentionModuleMixin` gives it `set_processor`, `set_attention_backend` and
+    `fuse_projections` (one q·k·v matmul for self-attention, one k·v matmul for cross-attention).
+    The parameter names are those of diffusers' `Attention` (`to_q`, `to_k`, `to_v`, `to_out.0`),
+    so checkpoints saved with it load unchanged.
+    """
+
+    _default_processor_cls = NanoDiTAttnProcessor
+    _available_processors = [NanoDiTAttnProcessor]
+
+    def __init__(self, dim: int, heads: int, is_cross_attention: bool = False, processor=None):
+        super().__init__()
+        self.heads = heads
+        self.is_cross_attention = is_cross_attention
+        self.use_bias = True
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.set_processor(processor if processor is not None else self._default_processor_cls())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.processor(self, hidden_states, encoder_hidden_states, attention_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -52,46 +131,43 @@ class NanoDiTBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        head_dim = dim // num_heads
-        # Every attention here runs through F.scaled_dot_product_attention (AttnProcessor2_0).
         self.norm1 = AdaLayerNormZero(dim)  # c -> 6 modulation vectors; LayerNorm without affine
-        self.attn = Attention(
-            query_dim=dim, heads=num_heads, dim_head=head_dim, bias=True, processor=AttnProcessor2_0()
-        )
+        self.attn = NanoDiTAttention(dim, num_heads)
         # No affine: a per-channel scale and shift right before the cross-attention projections
         # is redundant with them (W·(γ⊙x + β) + b is again a linear map of x).
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.cross_attn = Attention(
-            query_dim=dim,
-            cross_attention_dim=dim,
-            heads=num_heads,
-            dim_head=head_dim,
-            bias=True,
-            processor=AttnProcessor2_0(),
-        )
+        self.cross_attn = NanoDiTAttention(dim, num_heads, is_cross_attention=True)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
 
     def forward(
         self,
-        x: torch.Tensor,  # (B, N, D) image tokens
-        cond: torch.Tensor,  # (B, D) timestep + DINOv3 global
-        context: torch.Tensor,  # (B, S, D) text (+ DINOv3 patch) tokens
-        context_mask: torch.Tensor,  # (B, 1, S) bool, True = attend
+        hidden_states: torch.Tensor,  # (B, N, D) image tokens
+        temb: torch.Tensor,  # (B, D) timestep + DINOv3 global
+        encoder_hidden_states: torch.Tensor,  # (B, S, D) text (+ DINOv3 patch) tokens
+        attention_mask: torch.Tensor,  # (B, 1, 1, S) bool, True = attend
     ) -> torch.Tensor:
+        x = hidden_states
         # addcmul(a, b, c) = a + b·c in one pass over the (B, N, D) tensors instead of two.
-        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=cond)
+        h, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(x, emb=temb)
         x = torch.addcmul(x, gate_msa[:, None], self.attn(h))
-        x = x + self.cross_attn(self.norm2(x), encoder_hidden_states=context, attention_mask=context_mask)
+        x = x + self.cross_attn(self.norm2(x), encoder_hidden_states, attention_mask)
         h = torch.addcmul(shift_mlp[:, None], self.norm3(x), 1 + scale_mlp[:, None])
         x = torch.addcmul(x, gate_mlp[:, None], self.ff(h))
         return x
 
 
+# diffusers' block caches (First-Block, MagCache) find a block's input and output through this
+# registry: the block takes `hidden_states` and returns the new hidden states alone.
+TransformerBlockRegistry.register(
+    NanoDiTBlock, TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
+)
+
+
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
+class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAdapterMixin, CacheMixin):
     r"""A diffusion transformer conditioned on T5 text tokens and a DINOv3 image embedding.
 
     Args:
@@ -204,6 +280,7 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.proj_out.bias)
 
     # ----------------------------------------------------------------------------------------
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -214,6 +291,7 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
         image_tokens: torch.Tensor | None = None,
         drop_text: torch.Tensor | None = None,
         drop_image: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         r"""Predict the flow-matching velocity ``v = ε − x0``.
@@ -231,6 +309,8 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 patch tokens; only with `config.use_image_tokens`.
             drop_text, drop_image (`torch.Tensor` of shape `(B,)`, bool, *optional*): per-sample
                 classifier-free-guidance masks; True swaps in the learned null embedding.
+            attention_kwargs (`dict`, *optional*): `{"scale": s}` scales the loaded LoRA adapters
+                for this call (diffusers' convention); nothing else is read from it.
             return_dict (`bool`, defaults to `True`): return a `Transformer2DModelOutput`.
 
         Returns:
@@ -255,7 +335,7 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
         cond = self.time_image_embed(timestep, image_embeds.to(x.dtype))  # (B, D)
         context, context_mask = self._context(
             encoder_hidden_states, encoder_attention_mask, image_tokens, drop_text, drop_image, B, x.dtype
-        )  # (B, S, D), (B, 1, S)
+        )  # (B, S, D), (B, 1, 1, S)
 
         # 2. Blocks.
         for block in self.transformer_blocks:
@@ -299,7 +379,7 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin):
                 "image_tokens were given but the model was built with use_image_tokens=False; "
                 "build it with use_image_tokens=True or pass image_tokens=None"
             )
-        return context, text_mask[:, None, :]  # (B, 1, S): one mask row broadcast over queries
+        return context, text_mask[:, None, None, :]  # (B, 1, 1, S): one row for every head and query
 
     def _tokens(self, tokens, mask, null, drop, B, name):
         """A token sequence with its keep-mask; dropped rows become one null token.
