@@ -16,6 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import SanaLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import deprecate
@@ -63,7 +64,7 @@ def guidance_weights(mode: str, text_scale: float, image_scale: float) -> dict[s
     return {branch: w for branch, w in weights.items() if w != 0.0}
 
 
-class NanoDiTPipeline(DiffusionPipeline):
+class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     r"""Sampling for `NanoDiTTransformer2DModel`, conditioned on T5 text and a DINOv3 image embedding.
 
     Components:
@@ -79,6 +80,10 @@ class NanoDiTPipeline(DiffusionPipeline):
     is not installed; `NanoDiTPipeline.from_pretrained` loads the same folder with the installed
     classes and runs none of the carried code. `model_card` (the folder's README.md) travels with
     the pipeline through `from_pretrained`, `save_pretrained` and `push_to_hub`.
+
+    LoRA: `load_lora_weights`, `save_lora_weights`, `set_adapters`, `fuse_lora` come from diffusers'
+    transformer-only LoRA loader (the one Sana's pipeline uses: LoRA on the transformer, keys as
+    PEFT writes them, nothing converted); `attention_kwargs={"scale": s}` scales it per call.
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->transformer->vae"
@@ -176,6 +181,7 @@ class NanoDiTPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        attention_kwargs: dict | None = None,
         **kwargs,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images from a prompt and a reference image, with dual classifier-free guidance.
@@ -209,6 +215,7 @@ class NanoDiTPipeline(DiffusionPipeline):
             output_type: "pil", "np", "pt" (images in [0, 1]) or "latent".
             callback_on_step_end: called after each step as `f(pipe, i, t, {name: tensor})` with the
                 tensors named in `callback_on_step_end_tensor_inputs`; may return replacements.
+            attention_kwargs: passed to the transformer; `{"scale": s}` scales loaded LoRA adapters.
 
         Returns:
             `ImagePipelineOutput` with `images`, or a 1-tuple when `return_dict=False`.
@@ -255,21 +262,29 @@ class NanoDiTPipeline(DiffusionPipeline):
         self._guidance_scale, self._image_guidance_scale = guidance_scale, image_guidance_scale
         self._do_classifier_free_guidance = k > 1
         self._num_timesteps, self._interrupt = len(self.scheduler.timesteps), False
+        self._attention_kwargs, self._current_timestep = attention_kwargs, None
+        step_sigmas = self.scheduler.sigmas.tolist()  # for the caches' context, read once (no per-step sync)
 
         # 3. Euler steps; all branches in one forward.
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if self.interrupt:  # set by a callback: the remaining steps are skipped
                 continue
-            v_all = self.transformer(
-                latents.repeat(k, 1, 1, 1),  # (K·B, C, h, w)
-                t.expand(k * batch),
-                encoder_hidden_states=_repeat(prompt_embeds, k),
-                encoder_attention_mask=_repeat(prompt_attention_mask, k),
-                image_embeds=_repeat(image_embeds, k),
-                image_tokens=_repeat(image_tokens, k),
-                drop_text=drop_text,
-                drop_image=drop_image,
-            ).sample
+            self._current_timestep = t
+            # One guided forward is one denoiser call: a cache enabled on the transformer keys
+            # its state by this context (diffusers' pipelines name theirs "cond" / "uncond").
+            cache_step = {"step_index": i, "sigma": step_sigmas[i], "num_inference_steps": self._num_timesteps}
+            with self.transformer.cache_context("cond", **cache_step):
+                v_all = self.transformer(
+                    latents.repeat(k, 1, 1, 1),  # (K·B, C, h, w)
+                    t.expand(k * batch),
+                    encoder_hidden_states=_repeat(prompt_embeds, k),
+                    encoder_attention_mask=_repeat(prompt_attention_mask, k),
+                    image_embeds=_repeat(image_embeds, k),
+                    image_tokens=_repeat(image_tokens, k),
+                    drop_text=drop_text,
+                    drop_image=drop_image,
+                    attention_kwargs=attention_kwargs,
+                ).sample
             # The guided sum in fp32: its weights (e.g. −4, 3, 2) magnify a bf16 branch's rounding.
             v = sum(w * v_b for w, v_b in zip(weights.values(), v_all.float().chunk(k)))
             latents = self.scheduler.step(v, t, latents, return_dict=False)[0].to(latents.dtype)
@@ -279,6 +294,7 @@ class NanoDiTPipeline(DiffusionPipeline):
                 latents = (outputs or {}).get("latents", latents)
 
         # 4. Decode.
+        self._current_timestep = None
         image = latents if output_type == "latent" else self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -310,6 +326,16 @@ class NanoDiTPipeline(DiffusionPipeline):
     def interrupt(self) -> bool:
         """A callback sets `pipe._interrupt = True` to stop sampling after the current step."""
         return self._interrupt
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The step's timestep (σ·1000) while sampling, else None; PAB and FasterCache read it
+        through `current_timestep_callback=lambda: pipe.current_timestep`."""
+        return getattr(self, "_current_timestep", None)
+
+    @property
+    def attention_kwargs(self) -> dict | None:
+        return self._attention_kwargs
 
     # ----------------------------------------------------------------------------------------
     def check_inputs(
