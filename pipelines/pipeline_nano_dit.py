@@ -131,9 +131,11 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         tokens = self.tokenizer(
             prompts, padding="longest", max_length=max_sequence_length, truncation=True, return_tensors="pt"
         )
-        mask = tokens.attention_mask.to(device)
-        embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
-        return embeds, mask
+        prompt_attention_mask = tokens.attention_mask.to(device)
+        prompt_embeds = self.text_encoder(
+            tokens.input_ids.to(device), attention_mask=prompt_attention_mask
+        ).last_hidden_state
+        return prompt_embeds, prompt_attention_mask  # the names `__call__` takes them back under
 
     @torch.no_grad()
     def encode_image(self, image, device=None):
@@ -155,7 +157,8 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             pixels = self.image_processor(images=unit, do_rescale=False, return_tensors="pt").pixel_values
         out = self.image_encoder(pixel_values=pixels.to(device=device, dtype=self.image_encoder.dtype))
         first_patch = 1 + getattr(self.image_encoder.config, "num_register_tokens", 0)
-        return out.pooler_output, out.last_hidden_state[:, first_patch:]
+        image_embeds, image_tokens = out.pooler_output, out.last_hidden_state[:, first_patch:]
+        return image_embeds, image_tokens
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -182,6 +185,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         attention_kwargs: dict | None = None,
+        max_sequence_length: int = 128,
         **kwargs,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images from a prompt and a reference image, with dual classifier-free guidance.
@@ -216,6 +220,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             callback_on_step_end: called after each step as `f(pipe, i, t, {name: tensor})` with the
                 tensors named in `callback_on_step_end_tensor_inputs`; may return replacements.
             attention_kwargs: passed to the transformer; `{"scale": s}` scales loaded LoRA adapters.
+            max_sequence_length: T5 tokens kept of each prompt (128, as the feature cache keeps).
 
         Returns:
             `ImagePipelineOutput` with `images`, or a 1-tuple when `return_dict=False`.
@@ -232,7 +237,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
         # 1. Conditioning (an absent condition uses the null embedding; its guidance term drops out).
         if prompt is not None:
-            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompt, device)
+            prompt_embeds, prompt_attention_mask = self.encode_prompt(prompt, device, max_sequence_length)
         if image is not None:
             image_embeds, image_tokens = self.encode_image(image, device)
         if not getattr(self.transformer.config, "use_image_tokens", False):

@@ -305,6 +305,17 @@ def test_a_prompt_and_a_reference_image_give_the_same_images_as_their_embeddings
     assert (from_inputs.images == from_embeds.images).all()
 
 
+def test_max_sequence_length_caps_the_prompt_tokens_in_the_call_as_in_encode_prompt(encoder_pipe):
+    embeds, mask = encoder_pipe.encode_prompt(PROMPTS, max_sequence_length=3)
+    assert embeds.shape[1] == 3 and mask.shape == (2, 3)
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    common = dict(num_inference_steps=2, output_type="latent")
+    capped = encoder_pipe(PROMPTS, max_sequence_length=3, generator=seed(), **common).images
+    from_embeds = encoder_pipe(prompt_embeds=embeds, prompt_attention_mask=mask, generator=seed(), **common).images
+    assert torch.equal(capped, from_embeds)
+    assert not torch.equal(capped, encoder_pipe(PROMPTS, generator=seed(), **common).images)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
