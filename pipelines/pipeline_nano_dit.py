@@ -258,23 +258,47 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         latents = self.prepare_latents(batch, height, width, generator, latents, device)
         sigmas = np.linspace(1.0, 1.0 / num_inference_steps, num_inference_steps)
         self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        weights = guidance_weights(guidance_mode, guidance_scale, image_guidance_scale)
-        drop_text, drop_image = (
-            torch.tensor([BRANCHES[b][i] for b in weights for _ in range(batch)], device=device) for i in (0, 1)
-        )  # (K·B,) each, K = number of branches
-        k = len(weights)
-        # What diffusers' callbacks read (properties below), as its pipelines expose it.
+        # What diffusers' callbacks read (properties below), as its pipelines expose it. The scales
+        # are read again at every step: a callback may change them (diffusers' CFG cut-off
+        # callbacks set `pipe._guidance_scale = 0.0`), and the branches run follow.
         self._guidance_scale, self._image_guidance_scale = guidance_scale, image_guidance_scale
-        self._do_classifier_free_guidance = k > 1
         self._num_timesteps, self._interrupt = len(self.scheduler.timesteps), False
         self._attention_kwargs, self._current_timestep = attention_kwargs, None
         step_sigmas = self.scheduler.sigmas.tolist()  # for the caches' context, read once (no per-step sync)
+        conditioning = {
+            "encoder_hidden_states": prompt_embeds,
+            "encoder_attention_mask": prompt_attention_mask,
+            "image_embeds": image_embeds,
+            "image_tokens": image_tokens,
+        }
+        batches = {}  # branches -> the transformer's inputs for them, built once per set of branches
+
+        def branch_inputs(branches: tuple[str, ...]) -> dict:
+            if branches not in batches:
+                k = len(branches)
+                inputs = {name: _repeat(c, k) for name, c in conditioning.items()}  # (K·B, ...)
+                for name, j in (("drop_text", 0), ("drop_image", 1)):
+                    inputs[name] = torch.tensor(
+                        [BRANCHES[b][j] for b in branches for _ in range(batch)], device=device
+                    )
+                batches[branches] = inputs
+            return batches[branches]
+
+        def step_weights() -> dict[str, float]:  # an absent condition keeps scale 0 whatever is set
+            text = self._guidance_scale if prompt_embeds is not None else 0.0
+            image = self._image_guidance_scale if image_embeds is not None else 0.0
+            return guidance_weights(guidance_mode, text, image)
+
+        self._do_classifier_free_guidance = len(step_weights()) > 1
 
         # 3. Euler steps; all branches in one forward.
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             if self.interrupt:  # set by a callback: the remaining steps are skipped
                 continue
             self._current_timestep = t
+            weights = step_weights()
+            k = len(weights)
+            self._do_classifier_free_guidance = k > 1
             # One guided forward is one denoiser call: a cache enabled on the transformer keys
             # its state by this context (diffusers' pipelines name theirs "cond" / "uncond").
             cache_step = {"step_index": i, "sigma": step_sigmas[i], "num_inference_steps": self._num_timesteps}
@@ -282,12 +306,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 v_all = self.transformer(
                     latents.repeat(k, 1, 1, 1),  # (K·B, C, h, w)
                     t.expand(k * batch),
-                    encoder_hidden_states=_repeat(prompt_embeds, k),
-                    encoder_attention_mask=_repeat(prompt_attention_mask, k),
-                    image_embeds=_repeat(image_embeds, k),
-                    image_tokens=_repeat(image_tokens, k),
-                    drop_text=drop_text,
-                    drop_image=drop_image,
+                    **branch_inputs(tuple(weights)),
                     attention_kwargs=attention_kwargs,
                 ).sample
             # The guided sum in fp32: its weights (e.g. −4, 3, 2) magnify a bf16 branch's rounding.

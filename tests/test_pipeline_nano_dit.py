@@ -395,3 +395,26 @@ def test_guidance_scale_is_the_text_scale_and_the_old_name_still_works_with_a_wa
     assert not torch.equal(default, new)  # the scale took effect
     with pytest.raises(TypeError, match="guidance_scal"):
         _pipe(tiny_model)(**args, latents=latents, guidance_scal=2.5)
+
+
+def test_a_callback_that_cuts_guidance_changes_the_branches_run_from_the_next_step(tiny_model, tiny_config):
+    """diffusers' CFG cut-off callbacks set `pipe._guidance_scale` mid-call; the steps after it
+    follow the new scales: nested at (1, 1) runs the conditional branch alone."""
+    batches = []
+    tiny_model.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+
+    def cut_after_step_1(pipe, i, t, tensors):
+        if i == 1:
+            pipe._guidance_scale, pipe._image_guidance_scale = 1.0, 1.0
+        return {}
+
+    def sample(**kwargs):
+        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        args = dict(**_conditions(tiny_config), num_inference_steps=4, output_type="latent")
+        return _pipe(tiny_model)(**args, latents=latents, guidance_mode="nested", **kwargs).images
+
+    cut = sample(callback_on_step_end=cut_after_step_1)
+    assert batches == [6, 6, 2, 2]  # 3 branches × 2 images, then the conditional branch alone
+    batches.clear()
+    assert not torch.equal(cut, sample())
+    assert batches == [6, 6, 6, 6]
