@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .shards import (
     IMAGE_EXTENSIONS,
+    NoSamples,
     SampleSkipped,
     check_size,
     conversions_text,
@@ -145,10 +146,17 @@ def prepare_shards(
                 logger.warning("skipping %s: %s", name, skip)
                 report.skipped.append((name, str(skip)))
 
-    report.written = write_shards(samples(), out_dir, samples_per_shard, overwrite=overwrite)
-    if not report.written:
-        raise ValueError(f"no usable images in {src}: every one was skipped ({report.skipped[:3]} ...)")
+    try:
+        report.written = write_shards(samples(), out_dir, samples_per_shard, overwrite=overwrite)
+    except NoSamples as err:
+        reasons = Counter(re.sub(r"\d+", "#", reason.split(" (")[0]) for _, reason in report.skipped)
+        summary = "; ".join(f"{n} × {reason}" for reason, n in reasons.most_common()) or "the source holds no item"
+        raise NoUsableImages(f"no usable image in {src} ({summary}); {err}") from None
     return report
+
+
+class NoUsableImages(ValueError):
+    """Every item of the source was skipped; the message counts the reasons."""
 
 
 def _prepare_one(name: str, image, caption, buckets, min_side, max_aspect, report: PrepareReport) -> dict:

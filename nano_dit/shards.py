@@ -143,9 +143,10 @@ def write_shards(
 ) -> Counter:
     """Write samples (key, image, caption, optional meta) as shards grouped by image size.
 
-    Each image's size must be its bucket. Shards are written into `<out_dir>.partial` and moved
-    into place at the end, so an interrupted run never leaves a half-written set behind.
-    Returns the number of samples per bucket.
+    Each image's size must be its bucket. Shards are written into `<out_dir>.partial` and swapped
+    in at the end (`swap_in`), so an interrupted run never leaves a half-written set behind and an
+    existing set is replaced only by a whole one. With no sample at all, `NoSamples` is raised and
+    `out_dir` is left as it was. Returns the number of samples per bucket.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -174,11 +175,29 @@ def write_shards(
     finally:
         for writer in writers.values():
             writer.close()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial.rename(out_dir)
+    if not counts:
+        shutil.rmtree(partial, ignore_errors=True)
+        state = "left as it was" if out_dir.exists() else "not created"
+        raise NoSamples(f"no sample to write: {out_dir} is {state}")
+    swap_in(partial, out_dir)
     return counts
+
+
+class NoSamples(ValueError):
+    """A writer was given no sample at all; the destination was not touched."""
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Put the finished folder `new` in place of `target`. The old folder is moved aside first
+    and deleted only once the new one is in place: at any moment a whole set exists, under
+    `target` or (between two renames) as `<target>.old`."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _png_bytes(image: Image.Image) -> bytes:

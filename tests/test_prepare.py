@@ -122,3 +122,47 @@ def _png_bytes(size):
     buffer = io.BytesIO()
     Image.new("RGB", size, (10, 200, 30)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_overwrite_with_no_usable_image_keeps_the_existing_set_and_counts_the_reasons(tmp_path):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir(), bad.mkdir()
+    _image(good / "a.png", (64, 64))
+    (good / "a.txt").write_text("a green picture")
+    prepare_shards(good, tmp_path / "out", resolution=64)
+    before = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*"))
+    for i in range(3):
+        _image(bad / f"tiny{i}.png", (4, 4))
+        (bad / f"tiny{i}.txt").write_text("too small")
+    _image(bad / "mute.png", (64, 64))  # no caption
+    with pytest.raises(ValueError, match=r"no usable image in .*bad \(3 × image is #x#, smaller .*1 × no caption"):
+        prepare_shards(bad, tmp_path / "out", resolution=64, overwrite=True)
+    assert sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")) == before
+    assert [s["caption"] for s in ShardReader(tmp_path / "out")] == ["a green picture"]
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out.old").exists()
+
+
+def test_overwrite_replaces_a_set_only_with_a_whole_one(tmp_path, monkeypatch):
+    import nano_dit.shards as shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _image(src / "a.png", (64, 64))
+    (src / "a.txt").write_text("first")
+    prepare_shards(src, tmp_path / "out", resolution=64)
+    (src / "a.txt").write_text("second")
+    real_rename, renames = shards.Path.rename, []
+
+    def crash_after_moving_the_old_set_aside(self, target):
+        renames.append((self.name, target.name))
+        if self.name.endswith(".partial"):
+            raise OSError("killed between the two renames")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(shards.Path, "rename", crash_after_moving_the_old_set_aside)
+    with pytest.raises(OSError, match="killed"):
+        prepare_shards(src, tmp_path / "out", resolution=64, overwrite=True)
+    assert renames == [("out", "out.old"), ("out.partial", "out")]
+    # The old set is whole beside the target, the new one whole in .partial: nothing was lost.
+    assert [s["caption"] for s in ShardReader(tmp_path / "out.old")] == ["first"]
+    assert [s["caption"] for s in ShardReader(tmp_path / "out.partial")] == ["second"]
