@@ -39,6 +39,7 @@ from nano_dit.checkpointing import (
 )
 from nano_dit.feature_cache import load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
+from nano_dit.folders import swap_in
 from nano_dit.hub import build_pipeline, card_figures, run_info, set_model_card, validation_of
 from nano_dit.report import write_report
 from nano_dit.timings import PhaseTimer, RunTimings, describe_device, phase
@@ -135,8 +136,8 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
 
     # ---------------------------------------------------------------- resume
     start_step = 0
-    if config.resume:
-        path = resolve_resume(config.resume, ckpt_dir)
+    path = resolve_resume(config.resume, ckpt_dir) if config.resume else None
+    if path is not None:
         saved = read_state(path)
         check_resumable(saved, config.model, cfg_dropout.scheme, path)
         with phase("checkpoints: resume"):
@@ -196,8 +197,11 @@ def export_final(config: TrainConfig, run: dict, buckets, scheme: str) -> dict:
     data = {"shards": config.shards, "samples": sum(len(b) for b in buckets), "buckets": [b.bucket for b in buckets]}
     info = run_info(config, config.total_steps, scheme, data=data, results=figures)
     set_model_card(pipe, info, sheet, repo_id=config.repo_id if config.push_to_hub else None)
-    final_dir = os.path.join(ckpt_dir, "checkpoint_final")
-    pipe.save_pretrained(final_dir)
+    final_dir = Path(ckpt_dir) / "checkpoint_final"
+    partial = final_dir.with_name(".checkpoint_final.partial")  # written aside, swapped in whole
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial)
+    swap_in(partial, final_dir)
     accelerator.print(f"pipeline (EMA weights): {final_dir}")
     if config.push_to_hub:
         url = pipe.push_to_hub(config.repo_id)

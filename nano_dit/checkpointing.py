@@ -7,12 +7,16 @@
 
 A checkpoint appears under its final name only once it is complete (`os.replace` of a folder
 written as `.checkpoint_step0001000.partial`), so a crash or kill during a save leaves the previous
-checkpoints whole and never a half-written one that `--resume latest` could pick.
+checkpoints whole and never a half-written one that `--resume latest` could pick. Each carries
+`checksums.json` (size and SHA-256 of every file), checked before a resume: `--resume latest`
+passes over a damaged checkpoint with a warning and takes the newest whole one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,7 +26,10 @@ import torch
 
 from . import __version__
 
+logger = logging.getLogger(__name__)
+
 STATE_FILE = "training_state.json"
+CHECKSUMS = "checksums.json"
 CHECKPOINT = re.compile(r"^checkpoint_step(\d{7})$")
 
 
@@ -65,6 +72,7 @@ def save_checkpoint(
     accelerator.wait_for_everyone()  # every process's part is on disk before the rename
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps({**state, "step": step, "version": __version__}, indent=2))
+        write_checksums(partial)
         if final.exists():  # a rerun of the same step: the new one wins, atomically
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -75,17 +83,80 @@ def save_checkpoint(
     return final
 
 
-def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path:
-    """`latest` -> the newest complete checkpoint in ckpt_dir; otherwise the given folder."""
-    if resume == "latest":
-        found = list_checkpoints(ckpt_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {ckpt_dir}")
-        return found[-1]
-    path = Path(resume)
-    if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"--resume {resume}: not a training checkpoint (no {STATE_FILE} in it)")
-    return path
+def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from, verified against its checksums.
+
+    `latest`: the newest whole checkpoint in ckpt_dir; damaged ones are passed over with a
+    warning. With none at all (a first save that never completed, or no run yet), None: the run
+    starts from step 0, with a warning, as diffusers' training scripts do. A given folder must be
+    whole; a damaged one is refused naming the file.
+    """
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / STATE_FILE).exists():
+            raise FileNotFoundError(f"--resume {resume}: not a training checkpoint (no {STATE_FILE} in it)")
+        problem = verify_checkpoint(path)
+        if problem:
+            raise ValueError(f"--resume {resume}: {problem}")
+        return path
+    damaged = []
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            for earlier, why in damaged:
+                logger.warning("--resume latest: skipping %s (%s)", earlier.name, why)
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        details = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise ValueError(f"--resume latest: every checkpoint in {ckpt_dir} is damaged ({details})")
+    unfinished = sorted(p.name for p in Path(ckpt_dir).glob(".checkpoint_step*.partial"))
+    logger.warning(
+        "--resume latest: no complete checkpoint in %s%s; starting from step 0",
+        ckpt_dir,
+        f" ({', '.join(unfinished)} never completed)" if unfinished else "",
+    )
+    return None
+
+
+def write_checksums(folder: Path) -> None:
+    """checksums.json: the size and SHA-256 of every file under `folder`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    manifest = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / CHECKSUMS).write_text(json.dumps(manifest, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None when every file matches checksums.json; else what is wrong, naming the file. A
+    checkpoint written before checksums existed is taken as it is (with a warning)."""
+    manifest_path = folder / CHECKSUMS
+    if not manifest_path.exists():
+        if not (folder / STATE_FILE).exists():
+            return f"no {STATE_FILE} (incomplete)"
+        logger.warning("%s has no %s (an older version wrote it): its files are not verified", folder, CHECKSUMS)
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"{CHECKSUMS} is unreadable ({err})"
+    for name, expected in manifest.items():
+        file = folder / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name} is damaged: {size} bytes, {expected['size']} written"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} is damaged: its contents differ from what was written (SHA-256)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_state(path: Path) -> dict:

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
         print(f"nano-dit {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from PIL import Image
 from . import __version__
 from .checkpointing import STATE_FILE, read_state
 from .encoders import ConditioningEncoders, EncoderSpec, describe
+from .folders import swap_in
 from .pipelines import NanoDiTPipeline
 from .transformer_nano_dit import NanoDiTTransformer2DModel
 
@@ -246,7 +248,13 @@ def export(
         )
         set_model_card(pipe, info, grid, repo_id=repo_id)
     if out is not None:
-        pipe.save_pretrained(out)
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} is a file; give a folder")
+        partial = out.with_name(f".{out.name}.partial")  # written aside, swapped in whole
+        shutil.rmtree(partial, ignore_errors=True)
+        pipe.save_pretrained(partial)
+        swap_in(partial, out)
     if repo_id is not None:
         pipe.push_to_hub(repo_id, private=private)
     return Path(out) if out is not None else None

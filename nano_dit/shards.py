@@ -30,6 +30,8 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from webdataset.tariterators import tarfile_samples
 
+from .folders import swap_in
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -185,19 +187,6 @@ def write_shards(
 
 class NoSamples(ValueError):
     """A writer was given no sample at all; the destination was not touched."""
-
-
-def swap_in(new: Path, target: Path) -> None:
-    """Put the finished folder `new` in place of `target`. The old folder is moved aside first
-    and deleted only once the new one is in place: at any moment a whole set exists, under
-    `target` or (between two renames) as `<target>.old`."""
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _png_bytes(image: Image.Image) -> bytes:

@@ -132,8 +132,100 @@ def test_another_architecture_and_missing_checkpoints_are_refused(tmp_path):
         check_resumable(saved, {"num_layers": 12, "hidden_size": 128}, "s", tmp_path)
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
         resolve_resume(str(tmp_path / "nope"), tmp_path)
-    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
-        resolve_resume("latest", tmp_path)
+    assert resolve_resume("latest", tmp_path) is None  # nothing to resume: step 0 (with a warning)
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:  # 2 KB zeroed in the middle: same size, other contents
+        middle = len(data) // 2
+        data[middle : middle + 2048] = bytes(min(2048, len(data) - middle))
+        path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, stand_in_dir):
+    tmp = tmp_path_factory.mktemp("damage")
+    train_nano_dit.main(_args(tmp, stand_in_dir, "run"))
+    return tmp / "run" / "checkpoints"
+
+
+@pytest.mark.parametrize(
+    "file,how",
+    [
+        ("model.safetensors", "zeroed"),
+        ("model.safetensors", "truncated"),
+        ("optimizer.bin", "empty"),
+        ("custom_checkpoint_0.pkl", "truncated"),
+        ("random_states_0.pkl", "truncated"),
+        ("training_state.json", "zeroed"),
+    ],
+)
+def test_latest_passes_over_a_damaged_checkpoint_and_a_named_one_is_refused(
+    two_checkpoints, tmp_path, file, how, caplog
+):
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(two_checkpoints, ckpts)
+    newest = ckpts / "checkpoint_step0000008"
+    assert checkpointing.verify_checkpoint(newest) is None
+    _damage(newest / file, how)
+    assert file in checkpointing.verify_checkpoint(newest)
+    with caplog.at_level("WARNING"):
+        assert resolve_resume("latest", ckpts).name == "checkpoint_step0000004"
+    assert f"skipping checkpoint_step0000008 ({file} is damaged" in caplog.text
+    with pytest.raises(ValueError, match=f"--resume {newest}: {file} is damaged"):
+        resolve_resume(str(newest), ckpts)
+    _damage(ckpts / "checkpoint_step0000004" / "model.safetensors", "zeroed")
+    with pytest.raises(ValueError, match="every checkpoint in .* is damaged"):
+        resolve_resume("latest", ckpts)
+
+
+def test_a_run_whose_first_save_never_completed_resumes_from_the_start(tmp_path, stand_in_dir, monkeypatch, caplog):
+    real_replace = checkpointing.os.replace
+
+    def killed_at_the_first_save(src, dst):
+        if Path(dst).name.startswith("checkpoint_step"):
+            raise Killed  # the state written aside, never renamed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpointing.os, "replace", killed_at_the_first_save)
+    with pytest.raises(Killed):
+        train_nano_dit.main(_args(tmp_path, stand_in_dir, "run"))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert list_checkpoints(ckpts) == [] and (ckpts / ".checkpoint_step0000004.partial").exists()
+    monkeypatch.setattr(checkpointing.os, "replace", real_replace)
+    with caplog.at_level("WARNING"):
+        train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--resume", "latest"))
+    assert "(.checkpoint_step0000004.partial never completed); starting from step 0" in caplog.text
+    log = (ckpts / "training_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == list(range(1, 9))  # each step once, from 1
+    assert [p.name for p in list_checkpoints(ckpts)] == ["checkpoint_step0000004", "checkpoint_step0000008"]
+
+
+def test_a_kill_while_writing_checkpoint_final_keeps_the_previous_one_whole(tmp_path, stand_in_dir, monkeypatch):
+    from nano_dit import NanoDiTPipeline
+
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--total-steps", "4"))
+    final = tmp_path / "run" / "checkpoints" / "checkpoint_final"
+    before = sorted(p.relative_to(final) for p in final.rglob("*"))
+    real_save = NanoDiTPipeline.save_pretrained
+
+    def dies_half_way(self, directory, **kwargs):
+        real_save(self, directory, **kwargs)
+        (Path(directory) / "transformer" / "diffusion_pytorch_model.safetensors").unlink()  # half written
+        raise Killed
+
+    monkeypatch.setattr(NanoDiTPipeline, "save_pretrained", dies_half_way)
+    args = _args(tmp_path, stand_in_dir, "run", "--total-steps", "8", "--resume", "latest")
+    with pytest.raises(Killed):
+        train_nano_dit.main(args)
+    assert sorted(p.relative_to(final) for p in final.rglob("*")) == before  # the step-4 pipeline, whole
+    monkeypatch.setattr(NanoDiTPipeline, "save_pretrained", real_save)
+    NanoDiTPipeline.from_pretrained(final)
 
 
 def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path, stand_in_dir):

@@ -210,3 +210,16 @@ def test_the_export_command(run, tmp_path, capsys):
         main(["export", str(run / "checkpoint_step0000020")])
     assert exit_info.value.code == 2
     assert "export needs --out DIR, --push-to-hub REPO_ID, or both" in capsys.readouterr().err
+
+
+def test_export_writes_aside_and_refuses_a_file_as_its_folder(run, tmp_path):
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(NotADirectoryError, match="a_file is a file; give a folder"):
+        export(run / "checkpoint_final", tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "keep me"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("from before")
+    export(run / "checkpoint_final", tmp_path / "out")
+    assert not (tmp_path / "out" / "stale.txt").exists()  # replaced whole, not written over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "out"]  # nothing left aside
+    NanoDiTPipeline.from_pretrained(tmp_path / "out")
