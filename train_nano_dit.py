@@ -472,5 +472,9 @@ class Validator:
 if __name__ == "__main__":
     try:
         main()
-    except (FileExistsError, FileNotFoundError, OutOfMemory) as err:  # not a bug: a message, no traceback
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, OutOfMemory) as err:  # a message, no traceback
         sys.exit(f"train_nano_dit.py: error: {err}")
+    except ValueError as err:  # bad input found past the flags (data, checkpoints): one line unless debugging
+        if os.environ.get("NANO_DIT_DEBUG"):
+            raise
+        sys.exit(f"train_nano_dit.py: error: {err} (NANO_DIT_DEBUG=1 shows the traceback)")

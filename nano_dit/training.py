@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,7 @@ class TrainConfig:
     image_guidance_scale: float = 2.0  # dual CFG image scale for validation
     guidance_mode: str = "nested"  # "nested" (measured better on the demo) or "independent" (the seed's)
     lpips_backbone: str = "pretrained"  # LPIPS AlexNet: "pretrained" (cached / fetched once), "random" or "none"
-    fault: str | None = None  # validation-power experiments only: text-ignored, dino-ignored, bernoulli-cfg
+    fault: str | None = None  # validation-power experiments only: one of FAULTS (see inject_fault)
     push_to_hub: bool = False  # upload checkpoint_final to the Hub at the end (token: HF_TOKEN or `hf auth login`)
     hub_model_id: str | None = None  # the Hub repo for --push-to-hub (default: the output folder's name)
     model: dict = field(default_factory=dict)  # NanoDiTTransformer2DModel config (preset + data widths)
@@ -154,8 +155,19 @@ class TrainConfig:
             raise ValueError(f"--report-to must be tensorboard, wandb or none, got {self.report_to!r}")
         if self.max_bad_steps <= 0:
             raise ValueError(f"--max-bad-steps must be > 0, got {self.max_bad_steps}")
-        if self.checkpoint_every <= 0 or (self.checkpoints_total_limit or 1) <= 0:
-            raise ValueError("--checkpoint-every and --checkpoints-total-limit must be > 0")
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"--checkpoint-every must be > 0, got {self.checkpoint_every}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit <= 0:
+            raise ValueError(
+                f"--checkpoints-total-limit must be > 0 (leave it unset to keep every checkpoint), "
+                f"got {self.checkpoints_total_limit}"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"--grad-clip must be a finite number > 0, got {self.grad_clip}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         try:
             self.cfg_dropout()
         except ValueError as err:
@@ -166,8 +178,10 @@ class TrainConfig:
             )
         if self.guidance_mode not in ("independent", "nested"):
             raise ValueError(f"--guidance-mode must be independent or nested, got {self.guidance_mode!r}")
-        if self.text_guidance_scale < 0 or self.image_guidance_scale < 0:
-            raise ValueError("--text-guidance-scale and --image-guidance-scale must be >= 0")
+        for name in ("text_guidance_scale", "image_guidance_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         if self.lpips_backbone not in ("pretrained", "random", "none"):
             raise ValueError(f"--lpips-backbone must be pretrained, random or none, got {self.lpips_backbone!r}")
         if self.mixed_precision not in (None, *MIXED_PRECISIONS):
@@ -237,23 +251,38 @@ class TrainConfig:
         return EncoderSpec(text_encoder=self.text_encoder, image_encoder=self.image_encoder, vae=vae)
 
 
-FAULTS = ("text-ignored", "dino-ignored", "bernoulli-cfg")
+FAULTS = ("text-ignored", "dino-ignored", "bernoulli-cfg", "cfg-masks-ignored", "timestep-constant")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 
 
 def inject_fault(model: torch.nn.Module, fault: str | None) -> None:
-    """For validation-power experiments: make `model` deaf to one input, as a wiring bug would
-    (the text or the DINOv3 embedding replaced by zeros in every forward, training and sampling)."""
-    inputs = {"text-ignored": ("encoder_hidden_states",), "dino-ignored": ("image_embeds", "image_tokens")}
-    if fault not in inputs:
-        return
+    """For validation-power experiments: break `model` from the outside, as a wiring bug would, in
+    every forward (training and sampling):
+
+    - text-ignored / dino-ignored: that input replaced by zeros;
+    - cfg-masks-ignored: the drop masks ignored wherever the condition is given, so the null
+      conditions are never learned and every guidance branch is the conditional one;
+    - timestep-constant: the timestep replaced by a constant (500), a model blind to the noise level.
+    """
+    zeroed = {"text-ignored": ("encoder_hidden_states",), "dino-ignored": ("image_embeds", "image_tokens")}
 
     def zero_inputs(module, args, kwargs):
         return args, {
-            k: (torch.zeros_like(v) if k in inputs[fault] and v is not None else v) for k, v in kwargs.items()
+            k: (torch.zeros_like(v) if k in zeroed[fault] and v is not None else v) for k, v in kwargs.items()
         }
 
-    model.register_forward_pre_hook(zero_inputs, with_kwargs=True)
+    def ignore_masks(module, args, kwargs):
+        return args, {**kwargs, "drop_text": None, "drop_image": None}
+
+    def constant_timestep(module, args, kwargs):
+        if len(args) > 1:  # (hidden_states, timestep, ...) positional, as the trainer and the pipeline call it
+            return (args[0], torch.full_like(args[1], 500.0), *args[2:]), kwargs
+        return args, {**kwargs, "timestep": torch.full_like(torch.as_tensor(kwargs["timestep"]), 500.0)}
+
+    hooks = {"cfg-masks-ignored": ignore_masks, "timestep-constant": constant_timestep}
+    hook = zero_inputs if fault in zeroed else hooks.get(fault)
+    if hook is not None:
+        model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

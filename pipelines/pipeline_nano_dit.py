@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -247,6 +248,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         if image_embeds is None:
             image_guidance_scale = 0.0
             guidance_mode = "independent"  # nested without an image is this, in two branches not three
+        self._check_widths(prompt_embeds, prompt_attention_mask, image_embeds, image_tokens)
         batch = self._batch_size(prompt_embeds, image_embeds) * num_images_per_prompt
         dtype = self.transformer.dtype
         prompt_embeds = _per_image(prompt_embeds, num_images_per_prompt, device, dtype)
@@ -379,11 +381,12 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         """Refuse bad arguments before any work, naming the argument."""
         if guidance_mode not in GUIDANCE_MODES:
             raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
-        if guidance_scale < 0 or image_guidance_scale < 0:
-            raise ValueError(
-                f"guidance scales must be >= 0, got guidance_scale={guidance_scale}, "
-                f"image_guidance_scale={image_guidance_scale}"
-            )
+        for name, value in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name, t in (("prompt_embeds", prompt_embeds), ("image_embeds", image_embeds)):
+            if t is not None and not bool(torch.isfinite(t).all()):  # one check per call, not per step
+                raise ValueError(f"{name} holds NaN or infinite values")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass either prompt or prompt_embeds, not both")
         if image is not None and image_embeds is not None:
@@ -405,6 +408,25 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {sorted(unknown)}"
             )
 
+    def _check_widths(self, prompt_embeds, prompt_attention_mask, image_embeds, image_tokens) -> None:
+        """The conditioning's shapes against the transformer's config, as the caller gave them
+        (the model would see them repeated per branch and quote those shapes)."""
+        config = self.transformer.config
+        expected = {
+            "prompt_embeds": (prompt_embeds, 3, config.text_embed_dim, "(B, L, {})"),
+            "image_embeds": (image_embeds, 2, config.image_embed_dim, "(B, {})"),
+            "image_tokens": (image_tokens, 3, config.image_embed_dim, "(B, M, {})"),
+        }
+        for name, (t, ndim, width, form) in expected.items():
+            if t is not None and (t.ndim != ndim or t.shape[-1] != width):
+                raise ValueError(f"{name} must have shape {form.format(width)}, got {tuple(t.shape)}")
+        mask, embeds = prompt_attention_mask, prompt_embeds
+        if mask is not None and embeds is not None and tuple(mask.shape) != tuple(embeds.shape[:2]):
+            raise ValueError(
+                f"prompt_attention_mask must have shape {tuple(embeds.shape[:2])} (that of prompt_embeds' "
+                f"first two dimensions), got {tuple(mask.shape)}"
+            )
+
     @staticmethod
     def _batch_size(prompt_embeds, image_embeds) -> int:
         sizes = {name: t.shape[0] for name, t in (("prompt", prompt_embeds), ("image", image_embeds)) if t is not None}
@@ -416,12 +438,17 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         """The starting noise `(batch, C, height / f, width / f)`, or the given `latents` checked."""
         config = self.transformer.config
         factor = self.vae_scale_factor
-        height = height or config.sample_size * factor
-        width = width or config.sample_size * factor
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer (or None for the default), got {value!r}")
+        height = height if height is not None else config.sample_size * factor
+        width = width if width is not None else config.sample_size * factor
         multiple = factor * config.patch_size
         if height % multiple or width % multiple:
             raise ValueError(f"height and width must be multiples of {multiple}, got height={height}, width={width}")
         shape = (batch, config.in_channels, height // factor, width // factor)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} image(s): give one per image, or one")
         if latents is None:
             return randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
         if tuple(latents.shape) != shape:

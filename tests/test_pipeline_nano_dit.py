@@ -99,7 +99,7 @@ def test_save_and_load_give_identical_images(tiny_config, tmp_path):
     "kwargs,message",
     [
         ({"guidance_mode": "sum"}, "guidance_mode must be one of"),
-        ({"guidance_scale": -1.0}, "guidance scales must be >= 0"),
+        ({"guidance_scale": -1.0}, "guidance_scale must be a finite number >= 0, got -1.0"),
         ({"height": 9}, "height and width must be multiples of 2, got height=9"),
     ],
 )
@@ -241,12 +241,20 @@ def test_a_bf16_pipeline_samples_close_to_fp32_and_a_compiled_one_saves_plain_na
         ({"prompt": "a red circle"}, "pass either prompt or prompt_embeds"),
         ({"callback_on_step_end_tensor_inputs": ["noise"]}, r"must be among \['latents'\], got \['noise'\]"),
         ({"latents": torch.zeros(2, 4, 4, 4)}, r"latents must have shape \(2, 4, 8, 8\), got \(2, 4, 4, 4\)"),
+        ({"guidance_scale": float("nan")}, "guidance_scale must be a finite number >= 0, got nan"),
+        ({"image_guidance_scale": float("inf")}, "image_guidance_scale must be a finite number >= 0, got inf"),
+        ({"image_embeds": torch.full((2, 16), float("nan"))}, "image_embeds holds NaN or infinite values"),
+        ({"height": 0}, r"height must be a positive integer \(or None for the default\), got 0"),
+        ({"height": -32}, "height must be a positive integer .*got -32"),
+        ({"generator": [torch.Generator()] * 3}, r"got 3 generators for 2 image\(s\)"),
+        ({"image_embeds": torch.zeros(2, 999)}, r"image_embeds must have shape \(B, 16\), got \(2, 999\)"),
+        ({"prompt_attention_mask": torch.ones(2, 3)}, r"prompt_attention_mask must have shape \(2, 5\)"),
     ],
 )
 def test_more_bad_arguments_name_the_argument(tiny_config, kwargs, message):
     pipe = _pipe(NanoDiTTransformer2DModel(**tiny_config))
     with pytest.raises(ValueError, match=message):
-        pipe(**_conditions(tiny_config), **{"num_inference_steps": 1, **kwargs})
+        pipe(**{**_conditions(tiny_config), "num_inference_steps": 1, **kwargs})
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from nano_dit import NanoDiTPipeline
 from nano_dit.training import parse_config
 
 train_nano_dit = load_train_script()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _demo_args(tmp_path, stand_in_dir, *extra):
@@ -50,6 +52,14 @@ def test_demo_training_learns_and_saves_a_loadable_pipeline(tmp_path, stand_in_d
         (["--peak-lr", "0"], "--peak-lr > 0"),
         (["--warmup-steps", "2000"], r"--warmup-steps must be in \[0, --total-steps\), got 2000"),
         (["--ema-decay", "1.5"], r"--ema-decay must be in \(0, 1\), got 1.5"),
+        (["--weight-decay", "-1"], r"--weight-decay must be a finite number >= 0, got -1.0"),
+        (["--grad-clip", "-1"], r"--grad-clip must be a finite number > 0, got -1.0"),
+        (["--grad-clip", "nan"], r"--grad-clip must be a finite number > 0, got nan"),
+        (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\), got -1"),
+        (["--checkpoints-total-limit", "0"], r"--checkpoints-total-limit must be > 0 .*got 0"),
+        (["--text-guidance-scale", "nan"], r"--text-guidance-scale must be a finite number >= 0, got nan"),
+        (["--image-guidance-scale", "inf"], r"--image-guidance-scale must be a finite number >= 0, got inf"),
+        (["--mixed-precision", "fp8x"], r"--mixed-precision must be one of .*got 'fp8x'"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):
@@ -162,3 +172,16 @@ def test_the_tracker_gets_the_training_and_validation_figures(tmp_path, stand_in
         "loss_sigma_0.75-1.00",
     ]
     assert {"reconstruction_psnr", "dino_swap_sensitivity", "text_sensitivity"} <= set(logged[2][1])
+
+
+def test_bad_input_found_past_the_flags_ends_in_one_line_not_a_traceback(tmp_path, stand_in_dir):
+    import subprocess
+    import sys
+
+    args = _demo_args(tmp_path, stand_in_dir, "--batch-size", "1000", "--total-steps", "2", "--warmup-steps", "1")
+    done = subprocess.run(
+        [sys.executable, "train_nano_dit.py", *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert done.returncode == 1
+    assert "train_nano_dit.py: error: --batch-size 1000 is larger than the data (8 cached samples)" in done.stderr
+    assert "Traceback" not in done.stderr
