@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import ImageOps
 from tqdm.auto import tqdm
 
 from .shards import (
@@ -42,6 +43,25 @@ from .shards import (
 
 logger = logging.getLogger(__name__)
 
+EXIF_ORIENTATION = 0x0112
+MAX_CAPTION_CHARS = 2000  # far past T5's 128-token window (about 500 characters); the rest is noise or damage
+
+
+def clean_caption(caption: str) -> tuple[str, list[str]]:
+    """The caption without control characters (newlines and tabs become spaces) and trimmed to
+    MAX_CAPTION_CHARS; and what was done, for the report."""
+    done = []
+    cleaned = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", "", caption)
+    if cleaned != caption:
+        done.append("caption control characters removed")
+    cleaned = re.sub(r"\s+", " ", cleaned).strip()
+    if len(cleaned) > MAX_CAPTION_CHARS:
+        cleaned = cleaned[:MAX_CAPTION_CHARS].rsplit(" ", 1)[0]
+        done.append(f"caption trimmed to {MAX_CAPTION_CHARS} characters")
+    if not cleaned:
+        raise SampleSkipped("caption is empty once control characters are removed")
+    return cleaned, done
+
 
 @dataclass
 class PrepareReport:
@@ -57,17 +77,38 @@ class PrepareReport:
 
 def find_source_items(src: str | os.PathLike) -> list[tuple[Path, str | bytes | None]]:
     """(image path, caption) pairs: the caption is a str from metadata.jsonl, the raw bytes of a
-    sidecar .txt (decoded later, so a bad encoding skips one sample), or None when missing."""
+    sidecar .txt (decoded later, so a bad encoding skips one sample), or None when missing.
+    Every other file of the folder is accounted for by `unused_files`."""
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder {src} does not exist")
     metadata = src / "metadata.jsonl"
     if metadata.exists():
         return list(_from_metadata(src, metadata))
-    images = sorted(p for p in src.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    images = sorted(p for p in src.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
     if not images:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) and no metadata.jsonl in {src}")
     return [(p, p.with_suffix(".txt").read_bytes() if p.with_suffix(".txt").exists() else None) for p in images]
+
+
+def unused_files(src: str | os.PathLike, items: list[tuple[Path, str | bytes | None]]) -> list[tuple[str, str]]:
+    """The folder's files that no sample reads, each with the reason: an unsupported type, or a
+    caption with no image. (metadata.jsonl itself is read, not unused.)"""
+    src = Path(src)
+    used = {Path(path).resolve() for path, _ in items} | {src.resolve() / "metadata.jsonl"}
+    used |= {Path(path).with_suffix(".txt").resolve() for path, _ in items}
+    unused = []
+    for p in sorted(src.rglob("*")):
+        if not p.is_file() or p.resolve() in used or p.name.startswith("."):
+            continue
+        kind = p.suffix.lower().lstrip(".")
+        reason = (
+            "a caption with no image beside it"
+            if kind == "txt"
+            else f"unsupported file type .{kind or '(none)'} (images: {', '.join(IMAGE_EXTENSIONS)})"
+        )
+        unused.append((str(p.relative_to(src)), reason))
+    return unused
 
 
 def _from_metadata(src: Path, metadata: Path) -> Iterator[tuple[Path, str | None]]:
@@ -75,7 +116,12 @@ def _from_metadata(src: Path, metadata: Path) -> Iterator[tuple[Path, str | None
     for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{metadata}:{number}: not a JSON object ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{metadata}:{number}: not a JSON object (a {type(record).__name__})")
         name = record.get("file_name")
         if not name:
             raise ValueError(f"{metadata}:{number} has no file_name")
@@ -130,18 +176,23 @@ def prepare_shards(
     resolution / 4) or more than `max_aspect` off their nearest bucket (a crop that would lose
     most of the picture) are skipped.
     """
+    report = PrepareReport()
     if hf_dataset is None:
-        items = [(str(path), path, caption) for path, caption in find_source_items(src)]
+        found = find_source_items(src)
+        items = [(str(path), path, caption) for path, caption in found]
+        for name, reason in unused_files(src, found):
+            logger.warning("skipping %s: %s", name, reason)
+            report.skipped.append((name, reason))
     else:
         items = hf_dataset_items(str(src), **hf_dataset)
     buckets = make_buckets(resolution, max_aspect=max_aspect)
-    report = PrepareReport()
+    root = Path(src).resolve()
     min_side = min_side or max(1, resolution // 4)
 
     def samples():
         for name, image, caption in tqdm(items, desc="prepare", unit="img"):
             try:
-                yield _prepare_one(name, image, caption, buckets, min_side, max_aspect, report)
+                yield _prepare_one(name, image, caption, buckets, min_side, max_aspect, report, root)
             except SampleSkipped as skip:
                 logger.warning("skipping %s: %s", name, skip)
                 report.skipped.append((name, str(skip)))
@@ -159,14 +210,27 @@ class NoUsableImages(ValueError):
     """Every item of the source was skipped; the message counts the reasons."""
 
 
-def _prepare_one(name: str, image, caption, buckets, min_side, max_aspect, report: PrepareReport) -> dict:
+def _prepare_one(name: str, image, caption, buckets, min_side, max_aspect, report: PrepareReport, root: Path) -> dict:
     """One source item (image: a path or bytes) -> a sample fitted to its bucket, or SampleSkipped."""
     if caption is None:
         raise SampleSkipped("no caption (no sidecar .txt and no metadata text)")
-    caption = decode_caption(caption)
+    caption, cleaned = clean_caption(decode_caption(caption))
+    for what in cleaned:
+        report.converted[what] += 1
     if image is None:
         raise SampleSkipped("no image data")
-    image, converted = to_rgb(open_image(image.read_bytes() if isinstance(image, Path) else image))
+    if isinstance(image, Path):
+        if not image.resolve().is_relative_to(root):
+            raise SampleSkipped(f"a link leading outside the source folder (to {image.resolve()}); refusing")
+        image = image.read_bytes()
+    image = open_image(image)
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        raise SampleSkipped(f"animated image ({frames} frames): only still images are used")
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+        report.converted["EXIF orientation applied"] += 1
+    image, converted = to_rgb(image)
     if converted:
         report.converted[converted] += 1
     bucket = nearest_bucket(*image.size, buckets)

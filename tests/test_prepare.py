@@ -166,3 +166,66 @@ def test_overwrite_replaces_a_set_only_with_a_whole_one(tmp_path, monkeypatch):
     # The old set is whole beside the target, the new one whole in .partial: nothing was lost.
     assert [s["caption"] for s in ShardReader(tmp_path / "out.old")] == ["first"]
     assert [s["caption"] for s in ShardReader(tmp_path / "out.partial")] == ["second"]
+
+
+def test_every_file_of_a_folder_is_written_converted_or_skipped_by_name(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _image(src / "plain.png", (64, 64))
+    (src / "plain.txt").write_text("a plain picture")
+    frames = [Image.new("RGB", (64, 64), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(src / "moving.gif", save_all=True, append_images=frames[1:])  # an unsupported type
+    (src / "moving.txt").write_text("an animation")
+    frames[0].save(src / "moving.webp", save_all=True, append_images=frames[1:])  # animated, a supported type
+    (src / "moving.webp.txt").write_text("unused")  # (the caption file of moving.webp is moving.txt)
+    rotated = Image.new("RGB", (96, 64), (10, 200, 30))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    rotated.save(src / "rotated.jpg", exif=exif)
+    (src / "rotated.txt").write_text("tall\x00 once\x07 turned")
+    outside = tmp_path / "outside.png"
+    _image(outside, (64, 64))
+    (src / "link.png").symlink_to(outside)
+    (src / "link.txt").write_text("a link out")
+    (src / "notes.md").write_text("not data")
+
+    report = prepare_shards(src, tmp_path / "out", resolution=64)
+    skipped = dict(report.skipped)
+    assert set(skipped) == {
+        "moving.gif",
+        "moving.webp.txt",
+        "notes.md",
+        str(src / "moving.webp"),
+        str(src / "link.png"),
+    }
+    assert skipped["moving.gif"].startswith("unsupported file type .gif")
+    assert skipped[str(src / "moving.webp")] == "animated image (2 frames): only still images are used"
+    assert skipped[str(src / "link.png")].startswith("a link leading outside the source folder")
+    assert report.converted["EXIF orientation applied"] == 1
+    assert report.converted["caption control characters removed"] == 1
+    samples = {s["caption"]: s for s in ShardReader(tmp_path / "out")}
+    assert set(samples) == {"a plain picture", "tall once turned"}
+    w, h = samples["tall once turned"]["bucket"]
+    assert h > w  # stored upright: the 96×64 JPEG displays as 64×96
+    # 11 files: 2 samples written and 5 files skipped by name; the other 4 are those samples' captions
+    assert sum(report.written.values()) + len(report.skipped) == 7
+
+
+def test_a_long_caption_is_trimmed_and_counted(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _image(src / "a.png", (64, 64))
+    (src / "a.txt").write_text("word " * 100_000)
+    report = prepare_shards(src, tmp_path / "out", resolution=64)
+    (sample,) = ShardReader(tmp_path / "out")
+    assert len(sample["caption"]) <= 2000 and sample["caption"].startswith("word word")
+    assert report.converted["caption trimmed to 2000 characters"] == 1
+
+
+def test_a_bad_metadata_line_names_the_file_and_the_line(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _image(src / "a.png", (64, 64))
+    (src / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "ok"}\n{"file_name": "a.png", text}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl:2: not a JSON object \(Expecting property name"):
+        prepare_shards(src, tmp_path / "out", resolution=64)
