@@ -76,6 +76,10 @@ class SampleSkipped(Exception):
     """A sample that cannot be used; the reader counts it and goes on."""
 
 
+class IncompleteSample(SampleSkipped):
+    """A sample missing its image or caption member (in a damaged tar, the one cut short)."""
+
+
 def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     """RGB version of any PIL image, and what was converted (None when it was RGB already).
 
@@ -262,6 +266,8 @@ class ShardReader(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.min_side, self.max_aspect = min_side, max_aspect
         self.stats = ReadStats()
+        self._damaged: dict[str, int] = {}  # shard -> its damage event's index in stats.skipped
+        self._incomplete: dict[str, tuple[str, str]] = {}  # shard -> (key, reason) of a sample missing a member
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker_info()
@@ -273,24 +279,71 @@ class ShardReader(torch.utils.data.IterableDataset):
             if sample is not None:
                 self.stats.read += 1
                 yield sample
+        self._flush_incomplete()
 
     def _raw_samples(self) -> Iterator[dict]:
+        for path in self.shards:
+            if not _ends_whole(path):  # cut at a member boundary, a tar reads "cleanly" to the cut
+                self._damage(str(path), "truncated: the tar ends without its end-of-archive blocks")
         yield from tarfile_samples([{"url": str(p)} for p in self.shards], handler=self._shard_error)
 
+    def _shard_named_in(self, exn: Exception) -> str:
+        """The shard an error of webdataset's tar reader is about (it appends the url or the open
+        stream to the exception's arguments)."""
+        names = {str(p) for p in self.shards}
+        for arg in reversed(exn.args):
+            name = arg if isinstance(arg, str) else getattr(arg, "name", None)
+            if isinstance(name, str) and name in names:
+                return name
+            quoted = re.search(r"name='([^']+)'", arg) if isinstance(arg, str) else None
+            if quoted and quoted.group(1) in names:  # "... @ <_io.BufferedReader name='...'>"
+                return quoted.group(1)
+        return "a shard"
+
+    def _damage(self, where: str, reason: str) -> None:
+        """One damage event per shard: a second symptom of the same shard joins the first."""
+        if where in self._damaged:
+            index = self._damaged[where]
+            if reason not in self.stats.skipped[index][1]:
+                self.stats.skipped[index] = (where, f"{self.stats.skipped[index][1]}; {reason}")
+            return
+        logger.warning("%s: %s; the samples before the damage are read", where, reason)
+        self.stats.skipped.append((where, reason))
+        self._damaged[where] = len(self.stats.skipped) - 1
+
     def _shard_error(self, exn: Exception) -> bool:
-        where = exn.args[-1] if exn.args and isinstance(exn.args[-1], str) else "a shard"
-        reason = f"unreadable tar data ({type(exn).__name__}: {exn.args[0] if exn.args else exn})"
-        logger.warning("skipping the rest of %s: %s", where, reason)
-        self.stats.skipped.append((str(where), reason))
+        where = self._shard_named_in(exn)
+        message = str(exn.args[0] if exn.args else exn).split(" @ ")[0]  # less the stream's repr
+        reason = f"unreadable tar data ({type(exn).__name__}: {message})"
+        if where in self._incomplete:  # the sample just before the damage was cut short by it
+            reason += f"; it cut sample {self._incomplete.pop(where)[0]} short"
+        self._damage(where, reason)
         return True  # go on with the next shard
+
+    def _flush_incomplete(self) -> None:
+        """Samples missing a member with no damage after them: skipped on their own account."""
+        for url, (key, reason) in self._incomplete.items():
+            logger.warning("skipping sample %s in %s: %s", key, url, reason)
+            self.stats.skipped.append((key, reason))
+        self._incomplete.clear()
 
     def _decode(self, raw: dict) -> dict | None:
         key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
-        if ".." in key.split("/") or key.startswith("/"):
-            raise ValueError(f"tar member {key!r} in {url} tries to leave its folder; refusing this shard")
+        # A damage event is reported before the next sample is read: an incomplete sample still
+        # waiting is not the damage's.
+        self._flush_incomplete()
         try:
+            if ".." in key.split("/") or key.startswith("/"):
+                raise SampleSkipped("its member names leave their folder; refusing this sample")
             return self._decode_sample(raw, key, Path(url))
         except SampleSkipped as skip:
+            if url in self._damaged:  # the sample the damage cut short: part of that one event
+                where, reason = self.stats.skipped[self._damaged[url]]
+                self.stats.skipped[self._damaged[url]] = (where, f"{reason}; it cut sample {key} short")
+                return None
+            if isinstance(skip, IncompleteSample):  # a damage event may still follow and claim it
+                self._incomplete[url] = (key, str(skip))
+                return None
             logger.warning("skipping sample %s in %s: %s", key, url, skip)
             self.stats.skipped.append((key, str(skip)))
             return None
@@ -298,9 +351,9 @@ class ShardReader(torch.utils.data.IterableDataset):
     def _decode_sample(self, raw: dict, key: str, url: Path) -> dict:
         image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
         if image_ext is None:
-            raise SampleSkipped(f"no image ({'/'.join(IMAGE_EXTENSIONS)} member)")
+            raise IncompleteSample(f"no image ({'/'.join(IMAGE_EXTENSIONS)} member)")
         if "txt" not in raw:
-            raise SampleSkipped("no caption (.txt member)")
+            raise IncompleteSample("no caption (.txt member)")
         caption = decode_caption(raw["txt"])
         image = open_image(raw[image_ext])
         image, converted = to_rgb(image)
@@ -310,8 +363,21 @@ class ShardReader(torch.utils.data.IterableDataset):
             image, converted = fit_to_bucket(image, bucket), f"resized to {bucket[0]}x{bucket[1]}"
         if converted:
             self.stats.converted[converted] += 1
-        meta = json.loads(raw["json"]) if "json" in raw else None
+        try:
+            meta = json.loads(raw["json"]) if "json" in raw else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise SampleSkipped(f"its {key}.json member is not JSON ({err})") from None
         return {"key": key, "image": image, "caption": caption, "meta": meta, "bucket": bucket}
+
+
+def _ends_whole(path: Path) -> bool:
+    """Whether a tar ends with its end-of-archive marker (two zero 512-byte blocks)."""
+    size = path.stat().st_size
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return not any(f.read(1024))
 
 
 def open_image(data: bytes) -> Image.Image:

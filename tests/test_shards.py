@@ -190,9 +190,32 @@ def test_a_grayscale_sample_in_a_shard_is_converted_and_counted(tmp_path):
     assert samples[0]["image"].mode == "RGB" and stats.converted == {"L -> RGB": 1}
 
 
-def test_a_member_that_leaves_the_folder_is_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"'\.\./evil' .* tries to leave its folder"):
-        _read(tmp_path, {"ok.png": GOOD, "ok.txt": b"x", "../evil.png": GOOD, "../evil.txt": b"x"})
+def test_a_member_that_leaves_the_folder_is_skipped_by_name_and_the_rest_is_read(tmp_path):
+    samples, stats = _read(tmp_path, {"ok.png": GOOD, "ok.txt": b"x", "../evil.png": GOOD, "../evil.txt": b"x"})
+    assert [s["key"] for s in samples] == ["ok"]
+    assert stats.skipped == [("../evil", "its member names leave their folder; refusing this sample")]
+
+
+def test_a_json_member_that_is_not_json_skips_its_sample_by_name(tmp_path):
+    members = {"ok.png": GOOD, "ok.txt": b"x", "bad.png": GOOD, "bad.txt": b"y", "bad.json": b"{oops"}
+    samples, stats = _read(tmp_path, members)
+    assert [s["key"] for s in samples] == ["ok"]
+    assert stats.skipped[0][0] == "bad" and stats.skipped[0][1].startswith("its bad.json member is not JSON")
+
+
+def test_a_truncated_tar_is_one_damage_event(tmp_path):
+    members = {f"k{i}.png": GOOD for i in range(4)} | {f"k{i}.txt": b"a red square" for i in range(4)}
+    path = tmp_path / "s" / "bucket_16x16" / "shard-00000.tar"
+    _write_tar(path, dict(sorted(members.items())))
+    data = path.read_bytes()
+    for cut in range(len(data) // 3, len(data) - 1024, 97):  # wherever the cut falls
+        path.write_bytes(data[:cut])
+        reader = ShardReader(tmp_path / "s")
+        samples = list(reader)
+        assert len(samples) <= 4  # (a cut inside the end padding loses no sample, but is still a cut)
+        # One entry: the damage (with the sample it cut short), or, where the cut falls between
+        # members so that tar sees a clean end, the sample left without its caption.
+        assert len(reader.stats.skipped) == 1, (cut, reader.stats.skipped)
 
 
 def test_missing_or_empty_shard_folders_are_refused(tmp_path):
