@@ -40,7 +40,7 @@ from nano_dit.checkpointing import (
 from nano_dit.feature_cache import load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
 from nano_dit.folders import swap_in
-from nano_dit.hub import build_pipeline, card_figures, run_info, set_model_card, validation_of
+from nano_dit.hub import PushFailed, build_pipeline, card_figures, run_info, set_model_card, validation_of
 from nano_dit.report import write_report
 from nano_dit.timings import PhaseTimer, RunTimings, describe_device, phase
 from nano_dit.training import (
@@ -178,6 +178,8 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
         run["timings"].save()  # timings.json, then RESULTS.md with every phase, export included
         run["validator"].report()
     accelerator.end_training()
+    if "push_failed" in run:  # after the report: everything local is written
+        raise run["push_failed"]
     return result
 
 
@@ -204,8 +206,12 @@ def export_final(config: TrainConfig, run: dict, buckets, scheme: str) -> dict:
     swap_in(partial, final_dir)
     accelerator.print(f"pipeline (EMA weights): {final_dir}")
     if config.push_to_hub:
-        url = pipe.push_to_hub(config.repo_id)
-        accelerator.print(f"pushed to the Hub: {url}")
+        try:
+            url = pipe.push_to_hub(config.repo_id)
+        except Exception as err:  # offline, no connection, refused: the run is saved, say why and go on
+            run["push_failed"] = PushFailed.of(err, config.repo_id, final_dir)
+        else:
+            accelerator.print(f"pushed to the Hub: {url}")
     return result
 
 
@@ -472,7 +478,7 @@ class Validator:
 if __name__ == "__main__":
     try:
         main()
-    except (FileExistsError, FileNotFoundError, NotADirectoryError, OutOfMemory) as err:  # a message, no traceback
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, OutOfMemory, PushFailed) as err:  # a message
         sys.exit(f"train_nano_dit.py: error: {err}")
     except ValueError as err:  # bad input found past the flags (data, checkpoints): one line unless debugging
         if os.environ.get("NANO_DIT_DEBUG"):

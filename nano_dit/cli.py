@@ -242,7 +242,11 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as err:
+    except Exception as err:  # the user's input or the network, not a bug: one line
+        from nano_dit.hub import PushFailed  # (imported here: the CLI starts without torch)
+
+        if not isinstance(err, (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, PushFailed)):
+            raise
         print(f"nano-dit {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -213,6 +213,8 @@ def make_stand_in_encoders(
     from .synthetic import WORDS
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"stand-in encoders go in a folder, and {out_dir} is a file")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = _word_level_tokenizer(vocabulary or WORDS)
     tokenizer.save_pretrained(out_dir / "t5")

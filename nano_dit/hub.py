@@ -256,5 +256,20 @@ def export(
         pipe.save_pretrained(partial)
         swap_in(partial, out)
     if repo_id is not None:
-        pipe.push_to_hub(repo_id, private=private)
+        try:
+            pipe.push_to_hub(repo_id, private=private)
+        except Exception as err:  # offline, no connection, refused: one line, and where the pipeline is
+            raise PushFailed.of(err, repo_id, out if out is not None else checkpoint) from err
     return Path(out) if out is not None else None
+
+
+class PushFailed(RuntimeError):
+    """Only the push to the Hub failed; everything local is written."""
+
+    @classmethod
+    def of(cls, err: Exception, repo_id: str, local) -> PushFailed:
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        return cls(
+            f"the push to {repo_id} failed ({type(err).__name__}: {first_line}); the pipeline is saved in "
+            f"{local}: push it later with `nano-dit export {local} --push-to-hub {repo_id}`"
+        )

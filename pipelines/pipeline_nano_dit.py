@@ -519,6 +519,10 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             folder = Path(
                 snapshot_download(str(pretrained_model_name_or_path), **{k: kwargs.pop(k) for k in hub if k in kwargs})
             )
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{pretrained_model_name_or_path} is not a saved pipeline (no model_index.json in it)"
+            )
         index = json.loads((folder / "model_index.json").read_text())
         with tempfile.TemporaryDirectory() as view:
             for entry in folder.iterdir():
@@ -529,7 +533,11 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 class_name = index["transformer"][1]
                 index["transformer"] = [getattr(installed, class_name).__module__, class_name]
             (Path(view) / "model_index.json").write_text(json.dumps(index))
-            pipe = super().from_pretrained(view, **kwargs)
+            try:
+                pipe = super().from_pretrained(view, **kwargs)
+            except (OSError, ValueError, RuntimeError) as err:  # errors name the view: name the user's folder
+                message = str(err).replace(str(view), str(folder))
+                raise type(err)(f"could not load the pipeline in {folder}: {message}") from err
         pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
         card = folder / MODEL_CARD
         if card.exists():

@@ -115,6 +115,27 @@ def test_the_trainer_pushes_checkpoint_final_and_never_shows_the_token(tmp_path,
     assert "user/demo" in out.out
 
 
+def test_a_failed_push_says_why_in_one_line_and_where_the_local_copy_is(tmp_path, stand_in_dir, monkeypatch):
+    hub = FakeHub(monkeypatch)
+
+    def offline(repo_id, folder_path, token=None, **kwargs):
+        raise OSError("Connection refused: huggingface.co\nmore detail")
+
+    monkeypatch.setattr(hub, "upload_folder", offline)
+    monkeypatch.setattr("diffusers.utils.hub_utils.upload_folder", offline)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(RuntimeError) as info:
+        _train(tmp_path, stand_in_dir, "--push-to-hub", "--hub-model-id", "user/demo", "--total-steps", "10")
+    final = tmp_path / "run" / "checkpoints" / "checkpoint_final"
+    assert str(info.value) == (
+        "the push to user/demo failed (OSError: Connection refused: huggingface.co); the pipeline is saved in "
+        f"{final}: push it later with `nano-dit export {final} --push-to-hub user/demo`"
+    )
+    assert TOKEN not in str(info.value)
+    NanoDiTPipeline.from_pretrained(final)  # the local copy is whole
+    assert (tmp_path / "run" / "RESULTS.md").exists()  # and the report written
+
+
 def test_push_to_hub_without_a_token_is_refused_before_any_work(monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(SystemExit) as exit_info:
@@ -223,3 +244,17 @@ def test_export_writes_aside_and_refuses_a_file_as_its_folder(run, tmp_path):
     assert not (tmp_path / "out" / "stale.txt").exists()  # replaced whole, not written over
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "out"]  # nothing left aside
     NanoDiTPipeline.from_pretrained(tmp_path / "out")
+
+
+def test_a_damaged_weights_file_is_named_in_the_users_folder(run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "damaged"
+    shutil.copytree(run / "checkpoint_final", folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(Exception, match=f"could not load the pipeline in {folder}") as info:
+        NanoDiTPipeline.from_pretrained(folder)
+    assert "/tmp" not in str(info.value).replace(str(tmp_path), "")  # no temporary path of ours
+    with pytest.raises(FileNotFoundError, match="not a saved pipeline"):
+        NanoDiTPipeline.from_pretrained(tmp_path)
