@@ -45,6 +45,8 @@ class Thresholds:
     swap_share: float = 0.6  # share of DINO-swap outputs closer to B
     followed_share: float = 0.6  # share of text edits the output follows (synthetic set)
     min_std_ratio: float = 0.5  # output spread / data spread below: mean-gray or collapsed
+    # Model probes: relative change of the prediction below which a condition or σ makes no difference.
+    min_prediction_change: float = 0.01
 
 
 @dataclass
@@ -129,10 +131,11 @@ def evaluate(
         out += _validation_indicators(results, t)
     out.append(
         Indicator(
-            "CFG dropout is the exclusive scheme",
+            "CFG dropout is the exclusive scheme (config)",
             PASS if scheme.startswith("exclusive") else FAIL,
             scheme,
-            "checkpoints of the old independent-Bernoulli dropout are invalid (the seed's fix)",
+            "reads the recorded scheme only; the old independent-Bernoulli dropout is invalid (the seed's fix). "
+            "Whether the model learned the null conditions: the probe above",
         )
     )
     return out
@@ -168,6 +171,7 @@ def _validation_indicators(results: dict, t: Thresholds) -> list[Indicator]:
                 f"≥ {floor:g} (below: identical regardless of the {condition})",
             )
         )
+    out += _probe_indicators(results.get("model_probes"), t, floor, distance)
     swap = results["dino_swap"]
     if "skipped" not in swap:
         n, moved = len(swap["pairs"]), swap["share_moved_toward_b"]
@@ -192,6 +196,35 @@ def _validation_indicators(results: dict, t: Thresholds) -> list[Indicator]:
             )
         )
     return out
+
+
+def _probe_indicators(probes: dict | None, t: Thresholds, floor: float, distance: str) -> list[Indicator]:
+    """Null conditions learned (guidance live) and the noise level used, measured on the model."""
+    names = ("Null conditions learned, guidance live", "Uses the noise level")
+    if probes is None:
+        return [Indicator(name, NA, "not recorded by this validation", "") for name in names]
+    low = t.min_prediction_change
+    null_gap, guided = probes["null_vs_conditional"], probes["guided_vs_unguided"]
+    value = f"both-dropped vs conditional prediction {null_gap:.3g} (relative)"
+    live = null_gap >= low
+    if guided is not None:
+        value += f"; guided vs unguided samples {distance} {guided:.3g}"
+        live = live and guided >= floor
+    sigma_gap = probes["sigma_0.25_vs_0.75"]
+    return [
+        Indicator(
+            names[0],
+            PASS if live else FAIL,
+            value,
+            f"≥ {low:g} relative, ≥ {floor:g} {distance} (below: dropping the conditions changes nothing)",
+        ),
+        Indicator(
+            names[1],
+            PASS if sigma_gap >= low else FAIL,
+            f"prediction for one x_σ told σ 0.25 vs 0.75: {sigma_gap:.3g} (relative)",
+            f"≥ {low:g} (below: blind to the noise level)",
+        ),
+    ]
 
 
 RECONSTRUCTION_FIGURES = {

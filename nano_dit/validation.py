@@ -17,6 +17,16 @@
    whether the output follows the edit: the edited layout, drawn, is nearer the edited output than
    the unedited one (and whether it is nearer the edited layout than the original image).
 
+Beside the three tests, two **model probes** measure parts of the design on the model itself
+(a few forwards of the transformer on cached features; no indicator reads the config):
+
+- *null conditions learned, guidance live*: for the same x_σ, σ and conditions, the prediction
+  with both conditions dropped against the conditional one, and guided samples against unguided
+  ones (scales (1, 1): the conditional branch alone) from the same noise. A model whose CFG drop
+  masks are ignored gives identical predictions, and guidance then changes nothing.
+- *uses the noise level*: the prediction for one x_σ, told σ = 0.25 and then σ = 0.75. A model
+  blind to the timestep gives the same prediction.
+
 All sampling starts from cached features (no image or caption is encoded again, except the edited
 captions), batched across images and CFG branches, from seeded noise that belongs to each sample,
 so a figure does not depend on the batch size. The ground truth is the cached latents decoded by
@@ -33,7 +43,7 @@ import json
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -43,6 +53,7 @@ from PIL import Image
 
 from .encoders import images_to_tensor
 from .feature_cache import CachedBucket
+from .flow_matching import TIMESTEP_SCALE, add_noise
 from .offline import network_attempt, unreachable
 from .perceptual import ShiftTolerantLPIPS
 from .sheets import contact_sheet
@@ -404,7 +415,59 @@ def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info:
     results["text_manip"] = _text_manip(
         pipe, buckets[main], recon[main], truth[main], noise_of[main], metrics, sampling, out_dir
     )
+    results["model_probes"] = _model_probes(pipe, buckets[main], recon[main], noise_of[main], metrics, sampling)
     return results
+
+
+PROBE_SIGMAS = (0.25, 0.5, 0.75)
+PROBE_SAMPLES = 8  # per probe, from the largest bucket
+GUIDANCE_SAMPLES = 4  # unguided samples drawn to compare with the guided ones
+
+
+def _model_probes(pipe, bucket, recon, noise, metrics, sampling) -> dict:
+    """The null-condition and noise-level probes (module docstring): relative differences
+    ||a − b|| / ||a|| of predictions, averaged over samples and σ, and the distance of guided to
+    unguided samples."""
+    model, device = pipe.transformer, pipe.device
+    rows = list(range(min(PROBE_SAMPLES, len(bucket))))
+    x0, eps = bucket.latents[rows].float().to(device), noise[rows].float().to(device)
+    cond = {
+        "encoder_hidden_states": bucket.text_embeds[rows].to(device),
+        "encoder_attention_mask": bucket.text_mask[rows].to(device),
+        "image_embeds": bucket.image_embeds[rows].to(device),
+    }
+    dropped = torch.ones(len(rows), dtype=torch.bool, device=device)
+
+    def velocity(x_t, sigma, **extra):
+        t = torch.full((len(rows),), sigma * TIMESTEP_SCALE, device=device)
+        return model(x_t, t, **cond, **extra).sample.float()
+
+    def relative(a, b):  # (B,) per sample
+        return (a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp(min=1e-8)
+
+    with torch.inference_mode(), phase("sampling"), _autocast(pipe, sampling):
+        null_gap = []
+        for sigma in PROBE_SIGMAS:
+            x_t = add_noise(x0, eps, torch.full((len(rows),), sigma, device=device))
+            v = velocity(x_t, sigma)
+            null_gap.append(relative(v, velocity(x_t, sigma, drop_text=dropped, drop_image=dropped)))
+        x_t = add_noise(x0, eps, torch.full((len(rows),), 0.5, device=device))
+        sigma_gap = relative(velocity(x_t, 0.25), velocity(x_t, 0.75))
+    guided_vs_unguided = None  # sampling at scales (1, 1), nested, is itself unguided
+    if (sampling.text_guidance_scale, sampling.image_guidance_scale) != (
+        1.0,
+        1.0,
+    ) or sampling.guidance_mode != "nested":
+        g = rows[:GUIDANCE_SAMPLES]
+        plain = replace(sampling, text_guidance_scale=1.0, image_guidance_scale=1.0, guidance_mode="nested")
+        guided_vs_unguided = metrics.distance(recon[g], generate(pipe, bucket, g, noise, plain)).mean().item()
+    return {
+        "samples": len(rows),
+        "sigmas": list(PROBE_SIGMAS),
+        "null_vs_conditional": torch.cat(null_gap).mean().item(),
+        "guided_vs_unguided": guided_vs_unguided,
+        "sigma_0.25_vs_0.75": sigma_gap.mean().item(),
+    }
 
 
 def _reconstruction_summary(per_image: list[dict], recon: dict, truth: dict) -> dict:

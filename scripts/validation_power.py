@@ -7,8 +7,10 @@ which go / no-go indicators fire.
                                                         # with the preset's current thresholds
 
 Faults: the text ignored and the DINOv3 embedding ignored (the model's input zeroed in every
-forward, as a wiring bug would), the seed's old independent-Bernoulli CFG dropout, and a learning
-rate that diverges. Each run validates once, at its last step. Prints the fault × indicator table
+forward, as a wiring bug would), the CFG drop masks ignored wherever a condition is given (the
+null conditions never learned), the timestep replaced by a constant (a model blind to the noise
+level), the seed's old independent-Bernoulli CFG dropout, and a learning rate that diverges. The
+breaks are forward hooks put on the model from outside (`--fault`, `inject_fault`). Each run validates once, at its last step. Prints the fault × indicator table
 (markdown) and writes it to runs/validation_power/table.md. Offline, CPU: about 4 minutes a run
 on 2 cores.
 """
@@ -27,6 +29,8 @@ RUNS = {
     "text-ignored": ["--fault", "text-ignored"],
     "dino-ignored": ["--fault", "dino-ignored"],
     "bernoulli-cfg": ["--fault", "bernoulli-cfg"],
+    "cfg-masks-ignored": ["--fault", "cfg-masks-ignored"],
+    "timestep-constant": ["--fault", "timestep-constant"],
     "diverging-lr": ["--peak-lr", "0.05"],
 }
 SHORT = {"pass": "pass", "fail": "**FAIL**", "warn": "warn", "n/a": "–"}

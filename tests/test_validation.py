@@ -15,7 +15,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
 from nano_dit.feature_cache import CachedBucket
-from nano_dit.report import FAIL, PASS, WARN, Thresholds, evaluate, verdict
+from nano_dit.report import FAIL, NA, PASS, WARN, Thresholds, evaluate, verdict
 from nano_dit.synthetic import COLORS, SHAPES, synthetic_samples
 from nano_dit.validation import (
     ImageMetrics,
@@ -117,6 +117,7 @@ def _results(**changes):
             "share_closer_to_target": 0.8,
             "edits": [{}] * 5,
         },
+        "model_probes": {"null_vs_conditional": 0.4, "guided_vs_unguided": 0.2, "sigma_0.25_vs_0.75": 0.5},
     }
     for key, value in changes.items():
         results[key] = {**results[key], **value}
@@ -160,6 +161,9 @@ def test_a_healthy_run_is_a_go():
         (HEALTHY, _results(dino_swap={"mean_sensitivity": 0.0}), "Depends on the DINOv3 embedding", FAIL),
         (HEALTHY, _results(text_manip={"mean_sensitivity": 0.001}), "Depends on the text", FAIL),
         (HEALTHY, _results(dino_swap={"share_moved_toward_b": 0.2}), "DINO swap transfers composition", WARN),
+        (HEALTHY, _results(model_probes={"null_vs_conditional": 0.0}), "Null conditions learned, guidance live", FAIL),
+        (HEALTHY, _results(model_probes={"guided_vs_unguided": 0.0}), "Null conditions learned, guidance live", FAIL),
+        (HEALTHY, _results(model_probes={"sigma_0.25_vs_0.75": 0.0}), "Uses the noise level", FAIL),
         (HEALTHY, _results(text_manip={"share_followed": 0.2}), "Text edits followed", WARN),
     ],
 )
@@ -169,6 +173,13 @@ def test_each_failure_indicator_fires_on_its_symptom(records, results, indicator
     # a failure is a NO-GO; so is a reconstruction between the thresholds (not yet conclusive)
     assert decision == ("NO-GO" if status == FAIL or indicator.startswith("Reconstruction") else "GO")
     assert any(indicator in r for r in reasons)
+
+
+def test_a_validation_recorded_before_the_model_probes_shows_them_as_not_recorded():
+    results = _results()
+    del results["model_probes"]
+    statuses = _statuses(HEALTHY, results)
+    assert statuses["Null conditions learned, guidance live"] == NA and statuses["Uses the noise level"] == NA
 
 
 def test_without_lpips_st_lpips_decides_and_the_other_figures_stand_beside_it():
@@ -246,18 +257,49 @@ def test_training_validates_and_writes_the_report(tmp_path, stand_in_dir):
 
 
 @pytest.mark.parametrize(
-    "fault,indicator", [("text-ignored", "Depends on the text"), ("dino-ignored", "Depends on the DINOv3 embedding")]
+    "fault,indicator",
+    [
+        ("text-ignored", "Depends on the text"),
+        ("dino-ignored", "Depends on the DINOv3 embedding"),
+        ("cfg-masks-ignored", "Null conditions learned, guidance live"),
+        ("timestep-constant", "Uses the noise level"),
+    ],
 )
-def test_a_model_deaf_to_one_condition_is_caught(tmp_path, stand_in_dir, fault, indicator):
+def test_a_hand_broken_model_is_caught_by_its_own_indicator(tmp_path, stand_in_dir, fault, indicator):
     _run(tmp_path, stand_in_dir, "--fault", fault, "--total-steps", "10")
     results = json.loads((tmp_path / "run" / "validation" / "step0000010" / "results.json").read_text())
     status = {i["name"]: i for i in results["indicators"]}
     assert status[indicator]["status"] == FAIL
     assert results["verdict"] == "NO-GO"
-    # a deaf model's edited (or swapped) output is its unedited one: it never moves toward the edit
-    moved = results["text_manip"]["share_followed"] if fault == "text-ignored" else None
-    moved = results["dino_swap"]["share_moved_toward_b"] if fault == "dino-ignored" else moved
-    assert moved == 0
+    probes = results["model_probes"]
+    if fault == "cfg-masks-ignored":  # every branch is the conditional one: nothing to guide
+        assert probes["null_vs_conditional"] == 0
+        assert probes["guided_vs_unguided"] < 1e-6  # only the guided sum's rounding (weights −1, −1, 3)
+    elif fault == "timestep-constant":
+        assert probes["sigma_0.25_vs_0.75"] == 0
+    else:  # a deaf model's edited (or swapped) output is its unedited one: it never moves toward the edit
+        test, share = (
+            ("text_manip", "share_followed") if fault == "text-ignored" else ("dino_swap", "share_moved_toward_b")
+        )
+        assert results[test][share] == 0
+
+
+def test_the_model_probes_measure_a_working_model_as_live(tmp_path, tiny_config):
+    """Random weights everywhere: the null embeddings differ from the conditions and σ reaches
+    the modulation, so both probes read well above their thresholds."""
+    pipe = _tiny_pipe(tiny_config)
+    g = torch.Generator().manual_seed(0)
+    b = _bucket([{"key": f"k{i}", "caption": "a cat on the left"} for i in range(6)])
+    b.bucket, b.latents = (16, 16), torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
+    b.image_embeds = torch.randn(6, 8, generator=g)
+    sampling = SamplingConfig(num_inference_steps=2)
+    probes = run_validation(pipe, [b], tmp_path, ImageMetrics(backbone="none"), sampling, step=1)["model_probes"]
+    low = Thresholds().min_prediction_change
+    assert probes["samples"] == 6
+    assert probes["null_vs_conditional"] > low and probes["sigma_0.25_vs_0.75"] > low
+    # Images of a small random model move little under guidance; far above the broken model's
+    # rounding (< 1e-6) all the same. The threshold itself is set on the demo (fault table).
+    assert probes["guided_vs_unguided"] > 1e-4
 
 
 def test_the_validate_command_on_a_checkpoint(tmp_path, stand_in_dir, capsys):
