@@ -152,6 +152,11 @@ class ConditioningEncoders:
         embeds = self.text_encoder(input_ids=tokens.input_ids.to(self.device), attention_mask=mask).last_hidden_state
         return embeds, mask
 
+    def count_truncated(self, captions: list[str]) -> int:
+        """How many captions are longer than the text window (`max_text_length` tokens) and are cut."""
+        lengths = self.tokenizer(captions, truncation=False, return_length=True)["length"]
+        return sum(n > self.spec.max_text_length for n in lengths)
+
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """DINOv3 global embedding (B, Di) — the CLS token — and patch tokens (B, M, Di)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from tqdm.auto import tqdm
 from .encoders import ConditioningEncoders, EncoderSpec, describe
 from .shards import ShardReader, bucket_name
 from .timings import phase
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -91,11 +94,14 @@ class EncodeReport:
     reused: dict[str, int]  # kind -> entries found in the cache
     skipped: list[tuple[str, str]]  # (sample, reason) from the shard reader
     stand_in: bool
+    truncated: int = 0  # captions encoded now that were longer than the text window, cut to it
+    max_text_length: int = 128
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k}: {self.encoded[k]} encoded / {self.reused[k]} cached" for k in self.encoded)
         note = " (STAND-IN encoders)" if self.stand_in else ""
-        return f"{self.samples} samples, {len(self.skipped)} skipped; {kinds}{note}"
+        cut = f"; {self.truncated} captions cut to the {self.max_text_length}-token window" if self.truncated else ""
+        return f"{self.samples} samples, {len(self.skipped)} skipped; {kinds}{cut}{note}"
 
 
 def encode_dataset(
@@ -126,6 +132,13 @@ def encode_dataset(
         with phase("data: loading encoders"):
             encoders = load_encoders(spec, device)
         with phase("data: encoding"):
+            truncated = encoders.count_truncated([s["caption"] for s in todo["text"]]) if todo["text"] else 0
+            if truncated:
+                logger.warning(
+                    "%d captions are longer than the text encoder's %d-token window: cut to it",
+                    truncated,
+                    spec.max_text_length,
+                )
             for kind, pending in todo.items():
                 for batch in _batches(pending, batch_size, desc=f"encode {kind}"):
                     _encode_batch(kind, batch, encoders, stores)
@@ -135,6 +148,8 @@ def encode_dataset(
     reused = {kind: len(samples) - len(pending) for kind, pending in todo.items()}
     reused["text"] = len({s["text_hash"] for s in samples}) - len(todo["text"])
     return EncodeReport(
+        truncated=truncated if any(todo.values()) else 0,
+        max_text_length=spec.max_text_length,
         samples=len(samples),
         encoded={kind: len(pending) for kind, pending in todo.items()},
         reused=reused,

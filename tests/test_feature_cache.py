@@ -116,3 +116,16 @@ def test_bf16_encoders_write_an_fp32_cache_that_loses_nothing(tmp_path, stand_in
         t = getattr(bucket, name)
         assert t.dtype == torch.float32, name
         torch.testing.assert_close(t, t.bfloat16().float(), rtol=0, atol=0)  # bf16 values, widened exactly
+
+
+def test_captions_past_the_text_window_are_counted_and_reported(tmp_path, stand_in_dir, caplog):
+    samples = list(synthetic_samples(4, 32))
+    samples[1]["caption"] = " ".join(["red circle"] * 100)  # 200 words, past the 128-token window
+    write_shards(samples, tmp_path / "shards")
+    with caplog.at_level("WARNING"):
+        report = _encode(tmp_path / "shards", tmp_path / "cache", EncoderSpec.stand_in(stand_in_dir))
+    assert report.truncated == 1
+    assert "1 captions cut to the 128-token window" in report.summary()
+    assert "1 captions are longer than the text encoder's 128-token window" in caplog.text
+    _, (bucket,) = load_cache(tmp_path / "cache")
+    assert bucket.text_mask.sum(dim=1).max() == 128
