@@ -95,3 +95,12 @@ def test_making_stand_ins_leaves_the_global_random_state_alone(tmp_path):
     torch.manual_seed(123)
     make_stand_in_encoders(tmp_path / "t", seed=0, image_size=32)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_stand_in_encoders_refuse_a_file_for_their_folder(tmp_path):
+    from nano_dit.encoders import make_stand_in_encoders
+
+    (tmp_path / "a_file").write_text("keep")
+    with pytest.raises(NotADirectoryError, match="a_file is a file"):
+        make_stand_in_encoders(tmp_path / "a_file")
+    assert (tmp_path / "a_file").read_text() == "keep"
