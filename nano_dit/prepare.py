@@ -200,8 +200,11 @@ def prepare_shards(
     try:
         report.written = write_shards(samples(), out_dir, samples_per_shard, overwrite=overwrite)
     except NoSamples as err:
-        reasons = Counter(re.sub(r"\d+", "#", reason.split(" (")[0]) for _, reason in report.skipped)
-        summary = "; ".join(f"{n} × {reason}" for reason, n in reasons.most_common()) or "the source holds no item"
+        reasons = Counter(re.sub(r"(?<![A-Za-z.])\d+(x\d+)?", "#", why.split(" (")[0]) for _, why in report.skipped)
+        common = reasons.most_common(5)
+        summary = "; ".join(f"{n} × {reason}" for reason, n in common) or "the source holds no item"
+        if len(reasons) > len(common):
+            summary += f"; and {sum(reasons.values()) - sum(n for _, n in common)} more for other reasons"
         raise NoUsableImages(f"no usable image in {src} ({summary}); {err}") from None
     return report
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 from PIL import Image
 
@@ -31,3 +33,26 @@ def test_synth_preview_is_a_contact_sheet_of_the_first_images(tmp_path):
     main(["data", "synth", "--out", str(tmp_path / "s"), "--resolution", "16", "--num-images", "6", "--preview"])
     sheet = Image.open(tmp_path / "s" / "preview.png")
     assert sheet.width == 4 * 192 and sheet.height > 2 * 192  # 4 columns, 2 rows with captions
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["data", "synth", "--num-images", "-1"], "argument --num-images: must be a finite number > 0, got -1"),
+        (["data", "synth", "--resolution", "0"], "argument --resolution: must be a finite number > 0, got 0"),
+        (["data", "synth", "--samples-per-shard", "0"], "argument --samples-per-shard: must be a finite number > 0"),
+        (["data", "synth", "--seed", "-3"], r"argument --seed: must be in \[0, 2\*\*32\), got -3"),
+        (["data", "prepare", "src", "--max-aspect", "0"], "argument --max-aspect: must be a finite number > 0, got 0"),
+        (["data", "prepare", "src", "--max-aspect", "nan"], "argument --max-aspect: must be a finite number > 0"),
+        (["data", "prepare", "src", "--resolution", "abc"], "argument --resolution: must be an integer, got 'abc'"),
+        (["validate", "--checkpoint", "c", "--text-guidance-scale", "nan"], "must be a finite number >= 0, got nan"),
+    ],
+)
+def test_subcommand_flags_are_checked_at_the_door(argv, message, tmp_path, capsys):
+    if argv[0] == "data":
+        argv = [*argv, "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()  # refused before any work

@@ -135,7 +135,7 @@ def test_overwrite_with_no_usable_image_keeps_the_existing_set_and_counts_the_re
         _image(bad / f"tiny{i}.png", (4, 4))
         (bad / f"tiny{i}.txt").write_text("too small")
     _image(bad / "mute.png", (64, 64))  # no caption
-    with pytest.raises(ValueError, match=r"no usable image in .*bad \(3 × image is #x#, smaller .*1 × no caption"):
+    with pytest.raises(ValueError, match=r"no usable image in .*bad \(3 × image is #, smaller .*1 × no caption"):
         prepare_shards(bad, tmp_path / "out", resolution=64, overwrite=True)
     assert sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")) == before
     assert [s["caption"] for s in ShardReader(tmp_path / "out")] == ["a green picture"]
