@@ -60,7 +60,7 @@ PRESETS: dict[str, dict] = {
             "output_dir": "runs/demo",
         },
         # ST-LPIPS decides (its weights come with its wheel; LPIPS's AlexNet may not be at hand
-        # offline). The numbers are set by the fault table (README, `scripts/validation_power.py`):
+        # offline). The numbers are set by the fault table (docs/validation.md, `scripts/validation_power.py`):
         # the good run passes, each broken run fails something.
         "thresholds": {"decide_on": "stlpips", "stlpips_success": 0.25, "stlpips_failure": 0.35},
     },

@@ -210,7 +210,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 diffusers' names for them (as InstructPix2Pix); `text_guidance_scale`, the old
                 name of the first, still works and is deprecated.
             guidance_mode: "nested" (the default: it evaluates both conditions together, the mode
-                70 % of training teaches, and measured better on the demo; see the README) or
+                70 % of training teaches, and measured better on the demo; see docs/validation.md) or
                 "independent" (the seed's formula).
             num_inference_steps: Euler steps from σ = 1 down to 0.
             height, width: output size in pixels; default `sample_size × vae_scale_factor`; both
