@@ -48,7 +48,6 @@ from nano_dit.training import (
     JsonlLog,
     TrainConfig,
     conditioning,
-    inject_fault,
     model_config_for,
     parse_config,
     prepare_feature_cache,
@@ -106,7 +105,6 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
     # ---------------------------------------------------------------- model
     with phase("model: build"):
         model = NanoDiTTransformer2DModel(**config.model)
-        inject_fault(model, config.fault)  # only for validation-power experiments (--fault)
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, foreach=True)
@@ -432,7 +430,6 @@ class Validator:
         start = time.perf_counter()
         if self.pipe is None:  # the first validation loads the encoders and the metrics' networks
             model = NanoDiTTransformer2DModel(**config.model)
-            inject_fault(model, config.fault)
             self.pipe = build_pipeline(model, config.encoder_spec()).to(accelerator.device)
             self.metrics = ImageMetrics(accelerator.device, config.lpips_backbone)
         self.ema.copy_to(self.pipe.transformer.parameters())

@@ -133,37 +133,3 @@ class CFGDropout:
 
     def __repr__(self) -> str:
         return f"CFGDropout({self.scheme}, seed={self.seed}, drawn={self.num_drawn})"
-
-
-class IndependentDropout:
-    """The seed's OLD scheme, kept only to show that validation catches it: text and image each
-    dropped by its own Bernoulli draw, so the four modes come out as products (with 0.2 each:
-    64 % both, 16 % text-only, 16 % image-only, 4 % none) and are not exact. Checkpoints trained
-    this way are invalid for dual CFG; their scheme string says so and is refused on resume.
-    """
-
-    def __init__(self, p_text: float = 0.2, p_image: float = 0.2, seed: int = 0):
-        for name, p in (("p_text", p_text), ("p_image", p_image)):
-            if not 0 <= p <= 1:
-                raise ValueError(f"{name} must be a probability, got {p}")
-        self.p_text, self.p_image, self.seed = p_text, p_image, seed
-        self._generator = torch.Generator().manual_seed(seed)
-        self.num_drawn = 0
-
-    @property
-    def scheme(self) -> str:
-        return f"independent-bernoulli:text={self.p_text},image={self.p_image}"
-
-    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        draws = torch.rand(2, n, generator=self._generator)
-        self.num_drawn += n
-        return draws[0] < self.p_text, draws[1] < self.p_image
-
-    def state_dict(self) -> dict:
-        return {"scheme": self.scheme, "generator": self._generator.get_state(), "num_drawn": self.num_drawn}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("scheme") != self.scheme:
-            raise ValueError(f"the saved CFG-dropout scheme {state.get('scheme')!r} differs from {self.scheme!r}")
-        self._generator.set_state(state["generator"])
-        self.num_drawn = int(state["num_drawn"])

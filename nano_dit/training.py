@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .cfg_dropout import CFGDropout, IndependentDropout
+from .cfg_dropout import CFGDropout
 from .encoders import STAND_IN_MARKER, EncoderSpec, make_stand_in_encoders
 from .feature_cache import CachedBucket, EncodeReport, encode_dataset
 from .shards import write_shards
@@ -127,7 +127,6 @@ class TrainConfig:
     image_guidance_scale: float = 2.0  # dual CFG image scale for validation
     guidance_mode: str = "nested"  # "nested" (measured better on the demo) or "independent" (the seed's)
     lpips_backbone: str = "pretrained"  # LPIPS AlexNet: "pretrained" (cached / fetched once), "random" or "none"
-    fault: str | None = None  # validation-power experiments only: one of FAULTS (see inject_fault)
     push_to_hub: bool = False  # upload checkpoint_final to the Hub at the end (token: HF_TOKEN or `hf auth login`)
     hub_model_id: str | None = None  # the Hub repo for --push-to-hub (default: the output folder's name)
     model: dict = field(default_factory=dict)  # NanoDiTTransformer2DModel config (preset + data widths)
@@ -190,8 +189,6 @@ class TrainConfig:
             raise ValueError(f"--cache-on-device must be auto, yes or no, got {self.cache_on_device!r}")
         if self.cpu_threads is not None and self.cpu_threads <= 0:
             raise ValueError(f"--cpu-threads must be > 0, got {self.cpu_threads}")
-        if self.fault is not None and self.fault not in FAULTS:
-            raise ValueError(f"--fault must be one of {FAULTS}, got {self.fault!r}")
         if self.push_to_hub:
             from huggingface_hub import get_token
 
@@ -217,10 +214,8 @@ class TrainConfig:
             fields["model"] = model
         return cls(**fields)
 
-    def cfg_dropout(self, rank: int = 0) -> CFGDropout | IndependentDropout:
+    def cfg_dropout(self, rank: int = 0) -> CFGDropout:
         """This run's CFG-dropout sampler (one stream per process)."""
-        if self.fault == "bernoulli-cfg":
-            return IndependentDropout(0.2, 0.2, seed=self.seed + rank)
         return CFGDropout(self.p_both, self.p_none, self.p_text_only, self.p_image_only, seed=self.seed + rank)
 
     def sampling(self):
@@ -251,38 +246,7 @@ class TrainConfig:
         return EncoderSpec(text_encoder=self.text_encoder, image_encoder=self.image_encoder, vae=vae)
 
 
-FAULTS = ("text-ignored", "dino-ignored", "bernoulli-cfg", "cfg-masks-ignored", "timestep-constant")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-
-
-def inject_fault(model: torch.nn.Module, fault: str | None) -> None:
-    """For validation-power experiments: break `model` from the outside, as a wiring bug would, in
-    every forward (training and sampling):
-
-    - text-ignored / dino-ignored: that input replaced by zeros;
-    - cfg-masks-ignored: the drop masks ignored wherever the condition is given, so the null
-      conditions are never learned and every guidance branch is the conditional one;
-    - timestep-constant: the timestep replaced by a constant (500), a model blind to the noise level.
-    """
-    zeroed = {"text-ignored": ("encoder_hidden_states",), "dino-ignored": ("image_embeds", "image_tokens")}
-
-    def zero_inputs(module, args, kwargs):
-        return args, {
-            k: (torch.zeros_like(v) if k in zeroed[fault] and v is not None else v) for k, v in kwargs.items()
-        }
-
-    def ignore_masks(module, args, kwargs):
-        return args, {**kwargs, "drop_text": None, "drop_image": None}
-
-    def constant_timestep(module, args, kwargs):
-        if len(args) > 1:  # (hidden_states, timestep, ...) positional, as the trainer and the pipeline call it
-            return (args[0], torch.full_like(args[1], 500.0), *args[2:]), kwargs
-        return args, {**kwargs, "timestep": torch.full_like(torch.as_tensor(kwargs["timestep"]), 500.0)}
-
-    hooks = {"cfg-masks-ignored": ignore_masks, "timestep-constant": constant_timestep}
-    hook = zero_inputs if fault in zeroed else hooks.get(fault)
-    if hook is not None:
-        model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

@@ -614,7 +614,7 @@ def validate_checkpoint(
     from .feature_cache import load_cache
     from .hub import card_info, load_pipeline, run_dir_of
     from .report import write_report
-    from .training import TrainConfig, inject_fault
+    from .training import TrainConfig
 
     checkpoint = Path(checkpoint)
     pipe = load_pipeline(checkpoint)
@@ -629,7 +629,6 @@ def validate_checkpoint(
             "(the seed's fix: such checkpoints are invalid; retrain)"
         )
     config = dataclasses.replace(TrainConfig.from_saved(info["config"], model=info["model"]), **(overrides or {}))
-    inject_fault(pipe.transformer, config.fault)  # a fault run's "architecture", as it trained
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.to(device)
     _, buckets = load_cache(cache or config.cache)

@@ -9,8 +9,9 @@ which go / no-go indicators fire.
 Faults: the text ignored and the DINOv3 embedding ignored (the model's input zeroed in every
 forward, as a wiring bug would), the CFG drop masks ignored wherever a condition is given (the
 null conditions never learned), the timestep replaced by a constant (a model blind to the noise
-level), the seed's old independent-Bernoulli CFG dropout, and a learning rate that diverges. The
-breaks are forward hooks put on the model from outside (`--fault`, `inject_fault`). Each run validates once, at its last step. Prints the fault × indicator table
+level), the plan's old independent-Bernoulli CFG dropout, and a learning rate that diverges. The
+breaks are made here, from outside the package (`broken`: a forward pre-hook on every model built,
+or the old dropout in place of the exclusive one); the package itself carries no fault switch. Each run validates once, at its last step. Prints the fault × indicator table
 (markdown) and writes it to runs/validation_power/table.md. Offline, CPU: about 4 minutes a run
 on 2 cores.
 """
@@ -18,21 +19,109 @@ on 2 cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib.util
 import json
 import shutil
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {
-    "good": [],
-    "text-ignored": ["--fault", "text-ignored"],
-    "dino-ignored": ["--fault", "dino-ignored"],
-    "bernoulli-cfg": ["--fault", "bernoulli-cfg"],
-    "cfg-masks-ignored": ["--fault", "cfg-masks-ignored"],
-    "timestep-constant": ["--fault", "timestep-constant"],
-    "diverging-lr": ["--peak-lr", "0.05"],
+RUNS = {  # run name -> (the fault it carries, extra trainer flags)
+    "good": (None, []),
+    "text-ignored": ("text-ignored", []),
+    "dino-ignored": ("dino-ignored", []),
+    "bernoulli-cfg": ("bernoulli-cfg", []),
+    "cfg-masks-ignored": ("cfg-masks-ignored", []),
+    "timestep-constant": ("timestep-constant", []),
+    "diverging-lr": (None, ["--peak-lr", "0.05"]),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# The faults: made here, from outside the package (the core carries no fault switch)
+# --------------------------------------------------------------------------------------------
+class IndependentDropout:
+    """The plan's OLD dropout, kept only to show that validation catches it: text and image each
+    dropped by its own Bernoulli draw, so the four modes come out as products (with 0.2 each:
+    64 % both, 16 % text-only, 16 % image-only, 4 % none) and are not exact. Its scheme string
+    says so; resume and `nano-dit validate` refuse any scheme that is not the exclusive one."""
+
+    def __init__(self, p_text: float = 0.2, p_image: float = 0.2, seed: int = 0):
+        self.p_text, self.p_image, self.seed = p_text, p_image, seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def scheme(self) -> str:
+        return f"independent-bernoulli:text={self.p_text},image={self.p_image}"
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        draws = torch.rand(2, n, generator=self._generator)
+        return draws[0] < self.p_text, draws[1] < self.p_image
+
+    def state_dict(self) -> dict:
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._generator.set_state(state["generator"])
+
+
+def _zero(*names):
+    def hook(module, args, kwargs):  # the input replaced by zeros, as a wiring bug would
+        return args, {k: (torch.zeros_like(v) if k in names and v is not None else v) for k, v in kwargs.items()}
+
+    return hook
+
+
+def _ignore_masks(module, args, kwargs):  # the null conditions are never learned, nor used
+    return args, {**kwargs, "drop_text": None, "drop_image": None}
+
+
+def _constant_timestep(module, args, kwargs):  # a model blind to the noise level
+    if len(args) > 1:  # (hidden_states, timestep, ...) positional, as the trainer and the pipeline call it
+        return (args[0], torch.full_like(args[1], 500.0), *args[2:]), kwargs
+    return args, {**kwargs, "timestep": torch.full_like(torch.as_tensor(kwargs["timestep"]), 500.0)}
+
+
+MODEL_FAULTS = {
+    "text-ignored": _zero("encoder_hidden_states"),
+    "dino-ignored": _zero("image_embeds", "image_tokens"),
+    "cfg-masks-ignored": _ignore_masks,
+    "timestep-constant": _constant_timestep,
+}
+FAULTS = (*MODEL_FAULTS, "bernoulli-cfg")
+
+
+@contextlib.contextmanager
+def broken(fault: str | None):
+    """Within it, every NanoDiTTransformer2DModel built (training's and validation's) carries the
+    fault as a forward pre-hook, in training and sampling alike; "bernoulli-cfg" makes every run
+    draw the old independent dropout instead."""
+    from nano_dit import NanoDiTTransformer2DModel
+    from nano_dit.training import TrainConfig
+
+    if fault is not None and fault not in FAULTS:
+        raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
+    saved = NanoDiTTransformer2DModel.__init__, TrainConfig.cfg_dropout
+    if fault in MODEL_FAULTS:
+        built = NanoDiTTransformer2DModel.__init__
+
+        @functools.wraps(built)  # the signature stays: diffusers reads the config's keys from it
+        def init(self, *args, **kwargs):
+            built(self, *args, **kwargs)
+            self.register_forward_pre_hook(MODEL_FAULTS[fault], with_kwargs=True)
+
+        NanoDiTTransformer2DModel.__init__ = init
+    elif fault == "bernoulli-cfg":
+        TrainConfig.cfg_dropout = lambda config, rank=0: IndependentDropout(0.2, 0.2, seed=config.seed + rank)
+    try:
+        yield
+    finally:
+        NanoDiTTransformer2DModel.__init__, TrainConfig.cfg_dropout = saved
+
+
 SHORT = {"pass": "pass", "fail": "**FAIL**", "warn": "warn", "n/a": "–"}
 
 
@@ -52,19 +141,21 @@ def main() -> None:
     rows = {}
     for name in args.only:
         out = Path(args.out) / name
-        flags = ["--preset", "demo", "--output-dir", str(out), *RUNS[name], *[x for x in args.extra if x != "--"]]
-        config = trainer.parse_config(flags)
-        if args.rejudge:
-            summary = rejudge(out, config)
-        else:
-            print(f"== {name}: train_nano_dit.py {' '.join(flags)}", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
-            flags += ["--validation-every", str(config.total_steps)]  # one validation, at the end
-            try:
-                trainer.main(flags)
-            except RuntimeError as err:  # K non-finite steps in a row: the run stops, its log is judged
-                print(f"   {name} stopped: {str(err).split(':')[0]}")
-            summary = json.loads((out / "validation" / "verdict.json").read_text())
+        fault, extra = RUNS[name]
+        flags = ["--preset", "demo", "--output-dir", str(out), *extra, *[x for x in args.extra if x != "--"]]
+        with broken(fault):
+            config = trainer.parse_config(flags)
+            if args.rejudge:
+                summary = rejudge(out, config)
+            else:
+                print(f"== {name} (fault: {fault}): train_nano_dit.py {' '.join(flags)}", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+                flags += ["--validation-every", str(config.total_steps)]  # one validation, at the end
+                try:
+                    trainer.main(flags)
+                except RuntimeError as err:  # K non-finite steps in a row: the run stops, its log is judged
+                    print(f"   {name} stopped: {str(err).split(':')[0]}")
+                summary = json.loads((out / "validation" / "verdict.json").read_text())
         rows[name] = {"verdict": summary["verdict"], "indicators": {i["name"]: i for i in summary["indicators"]}}
     table = _table(rows)
     print(table)

@@ -80,8 +80,9 @@ def test_bad_probabilities_raise_a_value_error_naming_them(kwargs, message):
 
 
 def test_the_old_independent_bernoulli_scheme_mixes_the_modes_and_names_itself():
-    from nano_dit.cfg_dropout import IndependentDropout
+    from conftest import load_script
 
+    IndependentDropout = load_script("validation_power").IndependentDropout  # the fault harness's
     old = IndependentDropout(0.2, 0.2, seed=0)
     drop_text, drop_image = old.sample(20000)
     both_dropped = (drop_text & drop_image).float().mean().item()

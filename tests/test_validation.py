@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import load_train_script, randomize_
+from conftest import load_script, load_train_script, randomize_
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
@@ -266,7 +266,8 @@ def test_training_validates_and_writes_the_report(tmp_path, stand_in_dir):
     ],
 )
 def test_a_hand_broken_model_is_caught_by_its_own_indicator(tmp_path, stand_in_dir, fault, indicator):
-    _run(tmp_path, stand_in_dir, "--fault", fault, "--total-steps", "10")
+    with load_script("validation_power").broken(fault):  # the break made from outside the package
+        _run(tmp_path, stand_in_dir, "--total-steps", "10")
     results = json.loads((tmp_path / "run" / "validation" / "step0000010" / "results.json").read_text())
     status = {i["name"]: i for i in results["indicators"]}
     assert status[indicator]["status"] == FAIL
@@ -319,7 +320,8 @@ def test_the_validate_command_on_a_checkpoint(tmp_path, stand_in_dir, capsys):
 def test_validating_a_checkpoint_of_the_old_cfg_dropout_is_refused(tmp_path, stand_in_dir, capsys):
     from nano_dit.cli import main
 
-    _run(tmp_path, stand_in_dir, "--fault", "bernoulli-cfg", "--no-validation", "--total-steps", "10")
+    with load_script("validation_power").broken("bernoulli-cfg"):
+        _run(tmp_path, stand_in_dir, "--no-validation", "--total-steps", "10")
     with pytest.raises(SystemExit):
         main(["validate", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "checkpoint_step0000010")])
     assert "independent-bernoulli" in capsys.readouterr().err
@@ -441,3 +443,27 @@ def test_a_resumed_run_with_no_step_left_keeps_its_validated_card(tmp_path, stan
     _run(tmp_path, stand_in_dir, "--resume", "latest")  # nothing left to train: rebuilds checkpoint_final
     assert card_info(NanoDiTPipeline.from_pretrained(final))["results"] == validated != {}
     assert (final / "samples.png").exists()
+
+
+def test_the_fault_harness_leaves_the_package_as_it_was(tiny_config):
+    """The faults live in scripts/validation_power.py; outside `broken(...)` every model is whole."""
+    from nano_dit.training import TrainConfig
+
+    harness = load_script("validation_power")
+    inputs = dict(
+        hidden_states=torch.randn(2, 4, 8, 8),
+        timestep=torch.tensor([100.0, 900.0]),
+        encoder_hidden_states=torch.randn(2, 5, tiny_config["text_embed_dim"]),
+        image_embeds=torch.randn(2, tiny_config["image_embed_dim"]),
+    )
+    late = {**inputs, "timestep": torch.tensor([900.0, 900.0])}
+    with harness.broken("timestep-constant"):
+        broken_model = randomize_(NanoDiTTransformer2DModel(**tiny_config))
+    whole = randomize_(NanoDiTTransformer2DModel(**tiny_config))  # the same weights, built after
+    with torch.no_grad():
+        assert torch.equal(broken_model(**inputs).sample, broken_model(**late).sample)  # blind to σ
+        assert not torch.equal(whole(**inputs).sample, whole(**late).sample)
+    with harness.broken("bernoulli-cfg"):
+        assert TrainConfig().cfg_dropout().scheme.startswith("independent-bernoulli")
+    assert TrainConfig().cfg_dropout().scheme.startswith("exclusive")
+    assert not hasattr(TrainConfig(), "fault")  # no switch in the package
