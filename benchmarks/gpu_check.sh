@@ -9,7 +9,8 @@
 #      peak memory, and the largest batch measured to fit in 4 and 8 GiB;
 #   2. bench_memory: the CPU-side prediction of the same step, beside it;
 #   3. bench_validate: one full validation (100 images at 512², 50 steps), eager and compiled;
-#   4. bench_pipeline_cfg: the dual-CFG step against a plain forward;
+#   4. bench_pipeline_cfg: the dual-CFG step against a plain forward; bench_sampling_cache: the
+#      guided step with each diffusers cache, and full against regional compilation time;
 #   5. the tests that need CUDA (the pinned-memory batch path);
 #   6. the seed run projected from 1 and 3: 5,000 steps at batch 8 + 5 validations.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR] [PARTS]   (each table also lands in OUT_DIR, default
@@ -55,6 +56,7 @@ run bench_train timeout 120 "$py" benchmarks/bench_train.py --device cuda --late
 run bench_memory timeout 45 "$py" benchmarks/bench_memory.py --batch-sizes 8 16
 run bench_validate timeout 150 "$py" benchmarks/bench_validate.py --device cuda --compile
 run bench_pipeline_cfg timeout 30 "$py" benchmarks/bench_pipeline_cfg.py --device cuda --latent-size 64 --batch-size 4 --repeats 5
+run bench_sampling_cache timeout 150 "$py" benchmarks/bench_sampling_cache.py --device cuda --latent-size 64 --repeats 3 --compile
 run gpu_tests timeout 45 bash -c "cd tests && $py -m pytest -q -p no:cacheprovider test_cached_batches.py"
 "$py" - "$out" <<'PY'
 import re, sys
