@@ -39,7 +39,7 @@ from nano_dit.checkpointing import (
 )
 from nano_dit.feature_cache import load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
-from nano_dit.folders import swap_in
+from nano_dit.folders import save_aside
 from nano_dit.hub import PushFailed, build_pipeline, card_figures, run_info, set_model_card, validation_of
 from nano_dit.report import write_report
 from nano_dit.timings import PhaseTimer, RunTimings, describe_device, phase
@@ -198,10 +198,7 @@ def export_final(config: TrainConfig, run: dict, buckets, scheme: str) -> dict:
     info = run_info(config, config.total_steps, scheme, data=data, results=figures)
     set_model_card(pipe, info, sheet, repo_id=config.repo_id if config.push_to_hub else None)
     final_dir = Path(ckpt_dir) / "checkpoint_final"
-    partial = final_dir.with_name(".checkpoint_final.partial")  # written aside, swapped in whole
-    shutil.rmtree(partial, ignore_errors=True)
-    pipe.save_pretrained(partial)
-    swap_in(partial, final_dir)
+    save_aside(pipe.save_pretrained, final_dir)  # written beside it, swapped in whole
     accelerator.print(f"pipeline (EMA weights): {final_dir}")
     if config.push_to_hub:
         try:

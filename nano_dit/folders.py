@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -17,3 +18,13 @@ def swap_in(new: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     new.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_aside(save: Callable[[Path], object], target: Path) -> None:
+    """`save(folder)` into `.<target name>.partial` beside `target`, then `swap_in` the whole of it:
+    a kill during the save leaves the previous `target` as it was."""
+    target = Path(target)
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(partial)
+    swap_in(partial, target)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from PIL import Image
 from . import __version__
 from .checkpointing import STATE_FILE, read_state
 from .encoders import ConditioningEncoders, EncoderSpec, describe
-from .folders import swap_in
+from .folders import save_aside
 from .pipelines import NanoDiTPipeline
 from .transformer_nano_dit import NanoDiTTransformer2DModel
 
@@ -251,10 +250,7 @@ def export(
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"--out {out} is a file; give a folder")
-        partial = out.with_name(f".{out.name}.partial")  # written aside, swapped in whole
-        shutil.rmtree(partial, ignore_errors=True)
-        pipe.save_pretrained(partial)
-        swap_in(partial, out)
+        save_aside(pipe.save_pretrained, out)  # written beside it, swapped in whole
     if repo_id is not None:
         try:
             pipe.push_to_hub(repo_id, private=private)
