@@ -126,8 +126,10 @@ def _validate(args: argparse.Namespace) -> None:
         print(f"  {reason}")
 
 
-def _positive(kind):
-    """An argparse type: a number of `kind` > 0 (finite), refused in one line naming the value."""
+def _number(kind, minimum: float = 0, inclusive: bool = False):
+    """An argparse type: a finite number of `kind` above `minimum` (or at it, when `inclusive`),
+    refused in one line naming the value."""
+    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
 
     def parse(text: str):
         try:
@@ -135,23 +137,12 @@ def _positive(kind):
         except ValueError:
             noun = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"must be {noun}, got {text!r}") from None
-        if not value > 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        if not (value >= minimum if inclusive else value > minimum) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
         return value
 
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{kind.__name__} {bound}"
     return parse
-
-
-def _scale(text: str) -> float:
-    """A guidance scale: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not (value >= 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def _seed(text: str) -> int:
@@ -173,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="make, import and encode datasets").add_subparsers(dest="action", required=True)
     synth = data.add_parser("synth", help="write the synthetic shapes set as shards")
     synth.add_argument("--out", required=True, help="shard folder, e.g. data/shards/100")
-    synth.add_argument("--resolution", type=_positive(int), default=512, help="image side in pixels (default 512)")
-    synth.add_argument("--num-images", type=_positive(int), default=100, help="how many images (default 100)")
+    synth.add_argument("--resolution", type=_number(int), default=512, help="image side in pixels (default 512)")
+    synth.add_argument("--num-images", type=_number(int), default=100, help="how many images (default 100)")
     synth.add_argument(
-        "--samples-per-shard", type=_positive(int), default=20, help="samples per tar (default 20: 5 shards)"
+        "--samples-per-shard", type=_number(int), default=20, help="samples per tar (default 20: 5 shards)"
     )
     synth.add_argument("--seed", type=_seed, default=0, help="layout seed (default 0)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
@@ -186,13 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = data.add_parser("prepare", help="shards from a folder of images with captions")
     prepare.add_argument("src", help="folder of images with sidecar .txt captions, or with a metadata.jsonl")
     prepare.add_argument("--out", required=True, help="shard folder to write")
-    prepare.add_argument("--resolution", type=_positive(int), default=512, help="bucket base resolution (default 512)")
-    prepare.add_argument("--samples-per-shard", type=_positive(int), default=100, help="samples per tar (default 100)")
+    prepare.add_argument("--resolution", type=_number(int), default=512, help="bucket base resolution (default 512)")
+    prepare.add_argument("--samples-per-shard", type=_number(int), default=100, help="samples per tar (default 100)")
+    prepare.add_argument("--max-aspect", type=_number(float), default=2.0, help="widest bucket, and the largest crop")
     prepare.add_argument(
-        "--max-aspect", type=_positive(float), default=2.0, help="widest bucket, and the largest crop"
-    )
-    prepare.add_argument(
-        "--min-side", type=_positive(int), default=None, help="skip smaller images (default resolution/4)"
+        "--min-side", type=_number(int), default=None, help="skip smaller images (default resolution/4)"
     )
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing shard folder")
     prepare.add_argument(
@@ -215,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--pixel-mode", action="store_true", help="no VAE: the latents are the pixels")
     encode.add_argument("--revision", default=None, help="Hub revision to pin (keys the cache)")
     encode.add_argument(
-        "--max-text-length", type=_positive(int), default=defaults.max_text_length, help="T5 token limit"
+        "--max-text-length", type=_number(int), default=defaults.max_text_length, help="T5 token limit"
     )
-    encode.add_argument("--batch-size", type=_positive(int), default=16, help="images per encoder call")
+    encode.add_argument("--batch-size", type=_number(int), default=16, help="images per encoder call")
     encode.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     encode.set_defaults(func=_encode)
 
@@ -225,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = encoders.add_parser("make-tiny", help="write tiny random stand-ins of T5, DINOv3 and the Flux VAE")
     tiny.add_argument("--out", required=True, help="folder to write")
     tiny.add_argument("--seed", type=_seed, default=0, help="weight seed (default 0)")
-    tiny.add_argument("--image-size", type=_positive(int), default=64, help="DINOv3 input side (default 64)")
+    tiny.add_argument("--image-size", type=_number(int), default=64, help="DINOv3 input side (default 64)")
     tiny.add_argument("--no-vae", action="store_true", help="skip the VAE (pixel mode only)")
     tiny.set_defaults(func=_make_tiny)
 
@@ -256,9 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument(
         "--output-dir", default=None, help="run folder for validation/ and RESULTS.md (default: the checkpoint's run)"
     )
-    val.add_argument("--steps", type=_positive(int), default=None, help="Euler steps (default: the run's, 50)")
-    val.add_argument("--text-guidance-scale", type=_scale, default=None, help="default: the run's (3.0)")
-    val.add_argument("--image-guidance-scale", type=_scale, default=None, help="default: the run's (2.0)")
+    val.add_argument("--steps", type=_number(int), default=None, help="Euler steps (default: the run's, 50)")
+    val.add_argument(
+        "--text-guidance-scale", type=_number(float, inclusive=True), default=None, help="default: the run's (3.0)"
+    )
+    val.add_argument(
+        "--image-guidance-scale", type=_number(float, inclusive=True), default=None, help="default: the run's (2.0)"
+    )
     val.add_argument("--guidance-mode", choices=("independent", "nested"), default=None, help="default: the run's")
     val.add_argument(
         "--lpips-backbone", choices=("pretrained", "random", "none"), default="pretrained", help="default: pretrained"
