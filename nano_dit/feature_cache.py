@@ -128,11 +128,13 @@ def encode_dataset(
         "image": [s for s in samples if f"{s['image_hash']}.global" not in stores["image"][s["bucket"]]],
     }
     todo["text"] = list({s["text_hash"]: s for s in todo["text"]}.values())  # each caption once
+    truncated = 0  # captions encoded now that the text window cuts
     if any(todo.values()):
         with phase("data: loading encoders"):
             encoders = load_encoders(spec, device)
         with phase("data: encoding"):
-            truncated = encoders.count_truncated([s["caption"] for s in todo["text"]]) if todo["text"] else 0
+            if todo["text"]:
+                truncated = encoders.count_truncated([s["caption"] for s in todo["text"]])
             if truncated:
                 logger.warning(
                     "%d captions are longer than the text encoder's %d-token window: cut to it",
@@ -148,7 +150,7 @@ def encode_dataset(
     reused = {kind: len(samples) - len(pending) for kind, pending in todo.items()}
     reused["text"] = len({s["text_hash"] for s in samples}) - len(todo["text"])
     return EncodeReport(
-        truncated=truncated if any(todo.values()) else 0,
+        truncated=truncated,
         max_text_length=spec.max_text_length,
         samples=len(samples),
         encoded={kind: len(pending) for kind, pending in todo.items()},
