@@ -56,6 +56,7 @@ from .feature_cache import CachedBucket
 from .flow_matching import TIMESTEP_SCALE, add_noise
 from .offline import network_attempt, unreachable
 from .perceptual import ShiftTolerantLPIPS
+from .pipelines import guidance_weights
 from .sheets import contact_sheet
 from .synthetic import COLORS, POSITIONS, SHAPES, Layout, ShapeSpec, render
 from .timings import PhaseTimer, phase
@@ -422,6 +423,7 @@ def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info:
 PROBE_SIGMAS = (0.25, 0.5, 0.75)
 PROBE_SAMPLES = 8  # per probe, from the largest bucket
 GUIDANCE_SAMPLES = 4  # unguided samples drawn to compare with the guided ones
+UNGUIDED = guidance_weights("nested", 1.0, 1.0)  # the both-conditions branch alone
 
 
 def _model_probes(pipe, bucket, recon, noise, metrics, sampling) -> dict:
@@ -453,11 +455,9 @@ def _model_probes(pipe, bucket, recon, noise, metrics, sampling) -> dict:
             null_gap.append(relative(v, velocity(x_t, sigma, drop_text=dropped, drop_image=dropped)))
         x_t = add_noise(x0, eps, torch.full((len(rows),), 0.5, device=device))
         sigma_gap = relative(velocity(x_t, 0.25), velocity(x_t, 0.75))
-    guided_vs_unguided = None  # sampling at scales (1, 1), nested, is itself unguided
-    if (sampling.text_guidance_scale, sampling.image_guidance_scale) != (
-        1.0,
-        1.0,
-    ) or sampling.guidance_mode != "nested":
+    guided_vs_unguided = None
+    guided = guidance_weights(sampling.guidance_mode, sampling.text_guidance_scale, sampling.image_guidance_scale)
+    if guided != UNGUIDED:  # (sampling that is the conditional branch alone has nothing to compare)
         g = rows[:GUIDANCE_SAMPLES]
         plain = replace(sampling, text_guidance_scale=1.0, image_guidance_scale=1.0, guidance_mode="nested")
         guided_vs_unguided = metrics.distance(recon[g], generate(pipe, bucket, g, noise, plain)).mean().item()
