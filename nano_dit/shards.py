@@ -337,9 +337,8 @@ class ShardReader(torch.utils.data.IterableDataset):
                 raise SampleSkipped("its member names leave their folder; refusing this sample")
             return self._decode_sample(raw, key, Path(url))
         except SampleSkipped as skip:
-            if url in self._damaged:  # the sample the damage cut short: part of that one event
-                where, reason = self.stats.skipped[self._damaged[url]]
-                self.stats.skipped[self._damaged[url]] = (where, f"{reason}; it cut sample {key} short")
+            if isinstance(skip, IncompleteSample) and url in self._damaged:  # cut short by that damage
+                self._damage(url, f"it cut sample {key} short")
                 return None
             if isinstance(skip, IncompleteSample):  # a damage event may still follow and claim it
                 self._incomplete[url] = (key, str(skip))

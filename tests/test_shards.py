@@ -249,3 +249,18 @@ def test_dataloader_workers_split_the_samples_between_them(tmp_path):
     )
     keys = list(loader)
     assert sorted(keys) == sorted(s["key"] for s in synthetic_samples(10, 16))  # each exactly once
+
+
+def test_a_bad_sample_before_a_truncation_is_skipped_on_its_own_account(tmp_path):
+    """A tar cut at a member boundary is marked damaged before it is read; a sample earlier in
+    it that is bad for another reason is still skipped by its own name and reason."""
+    members = {"a.png": GOOD, "a.txt": b"", "b.png": GOOD, "b.txt": b"fine", "c.png": GOOD, "c.txt": b"cut"}
+    path = tmp_path / "s" / "bucket_16x16" / "shard-00000.tar"
+    _write_tar(path, members)
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rindex(b"c.txt")])  # cut at c.txt's header: c loses its caption
+    reader = ShardReader(tmp_path / "s")
+    assert [s["key"] for s in reader] == ["b"]
+    skipped = dict(reader.stats.skipped)
+    assert skipped["a"] == "caption is empty"
+    assert skipped[str(path)].startswith("truncated") and "it cut sample c short" in skipped[str(path)]
