@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import math
+import numbers
 import os
 import re
 import shutil
@@ -382,7 +383,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         if guidance_mode not in GUIDANCE_MODES:
             raise ValueError(f"guidance_mode must be one of {GUIDANCE_MODES}, got {guidance_mode!r}")
         for name, value in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):  # NumPy scalars too
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         for name, t in (("prompt_embeds", prompt_embeds), ("image_embeds", image_embeds)):
             if t is not None and not bool(torch.isfinite(t).all()):  # one check per call, not per step

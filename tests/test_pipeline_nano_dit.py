@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_CONFIG, make_inputs, randomize_
@@ -342,7 +343,6 @@ def test_bad_prompts_and_images_name_the_argument(encoder_pipe, kwargs, message)
 def test_a_reference_image_as_pil_tensor_or_numpy_gives_the_same_dinov3_features(encoder_pipe):
     """A float tensor in [0, 1], as the docstring invites, was once rescaled by 1/255 a second time
     (pixels near −2, a blank image to DINOv3). Every form of the same picture must agree."""
-    import numpy as np
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
@@ -426,3 +426,13 @@ def test_a_callback_that_cuts_guidance_changes_the_branches_run_from_the_next_st
     batches.clear()
     assert not torch.equal(cut, sample())
     assert batches == [6, 6, 6, 6]
+
+
+def test_numpy_scalars_are_accepted_as_guidance_scales(tiny_model, tiny_config):
+    args = dict(**_conditions(tiny_config), num_inference_steps=2, output_type="latent")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain = _pipe(tiny_model)(**args, latents=latents, guidance_scale=2.5, image_guidance_scale=1.5).images
+    numpy = _pipe(tiny_model)(
+        **args, latents=latents, guidance_scale=np.float32(2.5), image_guidance_scale=np.float64(1.5)
+    ).images
+    assert torch.equal(plain, numpy)
