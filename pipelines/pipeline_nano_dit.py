@@ -24,7 +24,14 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
+# The sampling defaults, declared here once: the trainer's validation, `nano-dit validate` and the
+# README read them (this module must import nothing of nano_dit: it travels with saved pipelines).
 GUIDANCE_MODES = ("independent", "nested")
+DEFAULT_GUIDANCE_MODE = "nested"  # measured better on the demo (docs/validation.md); "independent" is the plan's
+DEFAULT_GUIDANCE_SCALE = 3.0  # text scale s_t
+DEFAULT_IMAGE_GUIDANCE_SCALE = 2.0  # image scale s_i
+DEFAULT_NUM_INFERENCE_STEPS = 50
+MAX_SEQUENCE_LENGTH = 128  # T5 tokens kept of a caption, when the pipeline's config does not say
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MODEL_CARD = "README.md"
 
@@ -173,10 +180,10 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         prompt_attention_mask: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
-        guidance_scale: float = 3.0,
-        image_guidance_scale: float = 2.0,
-        guidance_mode: str = "nested",
-        num_inference_steps: int = 50,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        image_guidance_scale: float = DEFAULT_IMAGE_GUIDANCE_SCALE,
+        guidance_mode: str = DEFAULT_GUIDANCE_MODE,
+        num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
