@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .offline import check_hub_reachable
+from .pipelines import pipeline_nano_dit as pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class EncoderSpec:
     vae: str | None = "black-forest-labs/FLUX.1-schnell"
     vae_subfolder: str | None = "vae"
     revision: str | None = None  # Hub revision for all three; pin it to key the cache on exact weights
-    max_text_length: int = 128
+    max_sequence_length: int = pipeline.MAX_SEQUENCE_LENGTH  # T5 tokens kept of a caption
 
     @classmethod
     def stand_in(cls, folder: str | os.PathLike, pixel_mode: bool = False) -> EncoderSpec:
@@ -60,7 +61,9 @@ class EncoderSpec:
                 return "pixels"
             return f"vae:{self.vae}/{self.vae_subfolder or ''}@{_version_of(self.vae, self.revision)}"
         if kind == "text":
-            return f"t5:{self.text_encoder}@{_version_of(self.text_encoder, self.revision)}:max{self.max_text_length}"
+            return (
+                f"t5:{self.text_encoder}@{_version_of(self.text_encoder, self.revision)}:max{self.max_sequence_length}"
+            )
         if kind == "image":
             return f"dinov3:{self.image_encoder}@{_version_of(self.image_encoder, self.revision)}"
         raise ValueError(f"kind must be 'latents', 'text' or 'image', got {kind!r}")
@@ -130,62 +133,25 @@ class ConditioningEncoders:
             if model is not None:
                 model.to(self.device).eval().requires_grad_(False)
 
-    @property
-    def text_embed_dim(self) -> int:
-        return self.text_encoder.config.d_model
-
-    @property
-    def image_embed_dim(self) -> int:
-        return self.image_encoder.config.hidden_size
-
-    @torch.no_grad()
+    # The encoder calls themselves live in the pipeline module, so that the cache and the pipeline
+    # cannot drift apart; these methods only supply this object's models, device and text window.
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 token embeddings (B, L, D) and their attention mask (B, L), padded to the longest."""
-        tokens = self.tokenizer(
-            captions,
-            padding="longest",
-            max_length=self.spec.max_text_length,
-            truncation=True,
-            return_tensors="pt",
+        return pipeline.encode_text(
+            self.tokenizer, self.text_encoder, captions, self.device, self.spec.max_sequence_length
         )
-        mask = tokens.attention_mask.to(self.device)
-        embeds = self.text_encoder(input_ids=tokens.input_ids.to(self.device), attention_mask=mask).last_hidden_state
-        return embeds, mask
 
     def count_truncated(self, captions: list[str]) -> int:
-        """How many captions are longer than the text window (`max_text_length` tokens) and are cut."""
-        lengths = self.tokenizer(captions, truncation=False, return_length=True)["length"]
-        return sum(n > self.spec.max_text_length for n in lengths)
+        """How many captions are longer than the text window (`max_sequence_length` tokens) and are cut."""
+        return pipeline.count_truncated(self.tokenizer, captions, self.spec.max_sequence_length)
 
-    @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """DINOv3 global embedding (B, Di) — the CLS token — and patch tokens (B, M, Di)."""
-        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
-        out = self.image_encoder(pixel_values=pixels.to(self.device, self.dtype))
-        first_patch = 1 + getattr(self.image_encoder.config, "num_register_tokens", 0)
-        return out.pooler_output, out.last_hidden_state[:, first_patch:]
+        return pipeline.encode_images(self.image_processor, self.image_encoder, images, self.device)
 
-    @torch.no_grad()
     def encode_latents(self, images: list[Image.Image]) -> torch.Tensor:
-        """Model-space latents (B, C, h, w): `(mean − shift)·scale` from the VAE, or the pixels."""
-        pixels = images_to_tensor(images).to(self.device)  # (B, 3, H, W) in [−1, 1]
-        if self.vae is None:
-            return pixels
-        latents = self.vae.encode(pixels.to(self.dtype)).latent_dist.mode()
-        return (latents - vae_shift(self.vae)) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [−1, 1] from model-space latents; the inverse of `encode_latents`."""
-        if self.vae is None:
-            return latents.clamp(-1, 1)
-        latents = latents.to(self.device, self.dtype) / self.vae.config.scaling_factor + vae_shift(self.vae)
-        return self.vae.decode(latents).sample.clamp(-1, 1)
-
-
-def vae_shift(vae) -> float:
-    """The VAE's latent shift (Flux has one; SD-style VAEs have none)."""
-    return getattr(vae.config, "shift_factor", None) or 0.0
+        """Model-space latents (B, C, h, w): `(mode − shift)·scale` from the VAE, or the pixels in [−1, 1]."""
+        return pipeline.encode_latents(self.vae, images_to_tensor(images).to(self.device))
 
 
 def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -37,7 +37,7 @@ MANIFEST = "manifest.json"
 # The cache's one dtype for features (latents, T5 tokens, DINOv3 global and patch tokens): fp32,
 # whatever the encoders computed in. bf16 encoders (on a GPU) lose nothing in the widening, the
 # files are the same whichever machine wrote them, and the training step does its flow-matching
-# math in fp32 anyway; halving the memory with bf16 would save about 100 MB on the seed's 100
+# math in fp32 anyway; halving the memory with bf16 would save about 100 MB on the validation plan's 100
 # images. Caches written in bf16 (earlier versions, on a GPU) are widened as they are read. The
 # model casts its inputs to what the step computes in (its weights' dtype, then autocast's).
 CACHE_DTYPE = torch.float32
@@ -94,13 +94,15 @@ class EncodeReport:
     reused: dict[str, int]  # kind -> entries found in the cache
     skipped: list[tuple[str, str]]  # (sample, reason) from the shard reader
     stand_in: bool
+    max_sequence_length: int  # the T5 window (EncoderSpec's)
     truncated: int = 0  # captions encoded now that were longer than the text window, cut to it
-    max_text_length: int = 128
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k}: {self.encoded[k]} encoded / {self.reused[k]} cached" for k in self.encoded)
         note = " (STAND-IN encoders)" if self.stand_in else ""
-        cut = f"; {self.truncated} captions cut to the {self.max_text_length}-token window" if self.truncated else ""
+        cut = (
+            f"; {self.truncated} captions cut to the {self.max_sequence_length}-token window" if self.truncated else ""
+        )
         return f"{self.samples} samples, {len(self.skipped)} skipped; {kinds}{cut}{note}"
 
 
@@ -139,7 +141,7 @@ def encode_dataset(
                 logger.warning(
                     "%d captions are longer than the text encoder's %d-token window: cut to it",
                     truncated,
-                    spec.max_text_length,
+                    spec.max_sequence_length,
                 )
             for kind, pending in todo.items():
                 for batch in _batches(pending, batch_size, desc=f"encode {kind}"):
@@ -151,7 +153,7 @@ def encode_dataset(
     reused["text"] = len({s["text_hash"] for s in samples}) - len(todo["text"])
     return EncodeReport(
         truncated=truncated,
-        max_text_length=spec.max_text_length,
+        max_sequence_length=spec.max_sequence_length,
         samples=len(samples),
         encoded={kind: len(pending) for kind, pending in todo.items()},
         reused=reused,

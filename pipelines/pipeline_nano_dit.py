@@ -58,7 +58,7 @@ EXAMPLE_DOC_STRING = """
 def guidance_weights(mode: str, text_scale: float, image_scale: float) -> dict[str, float]:
     """Weights of each conditioning branch in the guided velocity, zero weights left out.
 
-    independent (the seed's):  v = v∅ + s_t·(v_text − v∅) + s_i·(v_image − v∅)
+    independent (the validation plan's):  v = v∅ + s_t·(v_text − v∅) + s_i·(v_image − v∅)
     nested (InstructPix2Pix):  v = v∅ + s_i·(v_image − v∅) + s_t·(v_both − v_image)
 
     Written as sums of branches, a branch whose weight is 0 is never evaluated: the nested form at
@@ -73,6 +73,84 @@ def guidance_weights(mode: str, text_scale: float, image_scale: float) -> dict[s
     return {branch: w for branch, w in weights.items() if w != 0.0}
 
 
+# --------------------------------------------------------------------------------------------
+# The encoder calls, written once: the pipeline and the training feature cache both call these,
+# so that a caption or picture encoded for training and the same one given at sampling agree bit
+# for bit.
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_text(
+    tokenizer, text_encoder, prompts: list[str], device, max_sequence_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 token embeddings `(B, L, D)` and their attention mask `(B, L)` of `prompts` (B strings).
+
+    Each prompt keeps at most `max_sequence_length` tokens (EOS included); the batch is padded to
+    its longest prompt, so `L <= max_sequence_length`, and the mask is 1 on real tokens, 0 on padding.
+    """
+    tokens = tokenizer(
+        prompts, padding="longest", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+    )
+    mask = tokens.attention_mask.to(device)
+    embeds = text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
+    return embeds, mask
+
+
+def count_truncated(tokenizer, prompts: list[str], max_sequence_length: int) -> int:
+    """How many of `prompts` are longer than `max_sequence_length` tokens, so that `encode_text` cuts them."""
+    lengths = tokenizer(prompts, truncation=False, return_length=True)["length"]
+    return sum(n > max_sequence_length for n in lengths)
+
+
+@torch.no_grad()
+def encode_images(image_processor, image_encoder, images, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINOv3 embeddings of B reference images: the global one `(B, Di)` (the pooled CLS token) and
+    the patch tokens `(B, M, Di)`, the register tokens left out.
+
+    `images`: PIL images (uint8 pixels: the processor rescales them), or any form `NanoDiTPipeline`
+    takes (float tensors `(3, H, W)` / `(B, 3, H, W)` and arrays `(H, W, 3)` / `(B, H, W, 3)` in
+    [0, 1], uint8 arrays), which are brought to [0, 1] first and not rescaled again. The pixels go
+    to the encoder in its own dtype.
+    """
+    images = _as_image_list(images)
+    if all(isinstance(im, PIL.Image.Image) for im in images):
+        pixels = image_processor(images=images, return_tensors="pt").pixel_values
+    else:  # already in [0, 1]: rescaling by 1/255 again would leave a near-blank image
+        unit = [_in_unit_range(im) for im in images]
+        pixels = image_processor(images=unit, do_rescale=False, return_tensors="pt").pixel_values
+    out = image_encoder(pixel_values=pixels.to(device=device, dtype=image_encoder.dtype))
+    first_patch = 1 + getattr(image_encoder.config, "num_register_tokens", 0)
+    return out.pooler_output, out.last_hidden_state[:, first_patch:]
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Model-space latents `(B, C, H / f, W / f)` of images `(B, 3, H, W)` in [−1, 1]:
+    `(mode − shift) · scale` of the VAE's latent distribution, in the VAE's dtype.
+
+    `vae=None` is pixel mode: the latents are the pixels themselves, returned as given."""
+    if vae is None:
+        return pixels
+    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
+    return (latents - _vae_shift(vae)) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Images `(B, 3, H, W)`, about [−1, 1], from model-space latents `(B, C, h, w)`: the inverse of
+    `encode_latents` (`latent / scale + shift`, then the VAE's decoder), unclamped.
+
+    `vae=None` is pixel mode: the latents, as fp32, clamped to [−1, 1]."""
+    if vae is None:
+        return latents.float().clamp(-1, 1)
+    latents = latents / vae.config.scaling_factor + _vae_shift(vae)
+    return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+
+
+def _vae_shift(vae) -> float:
+    """The VAE's latent shift: Flux's VAE has one, SD-style VAEs have none."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
+
+
 class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     r"""Sampling for `NanoDiTTransformer2DModel`, conditioned on T5 text and a DINOv3 image embedding.
 
@@ -82,6 +160,10 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         vae (`AutoencoderKL`, *optional*): Flux VAE; `None` is pixel mode (latents are the image in [−1, 1]).
         text_encoder, tokenizer (*optional*): T5 encoder and its tokenizer, for `prompt`.
         image_encoder, image_processor (*optional*): DINOv3 and its processor, for `image`.
+
+    Config:
+        max_sequence_length (`int`): T5 tokens kept of a prompt, the window the training captions
+            were cut to; saved in `model_index.json` (default `MAX_SEQUENCE_LENGTH`).
 
     A saved pipeline carries this module and the transformer's beside its weights and names them in
     `model_index.json` (diffusers' community-components layout), so that it loads with
@@ -108,8 +190,15 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         tokenizer=None,
         image_encoder=None,
         image_processor=None,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
     ):
         super().__init__()
+        if (
+            isinstance(max_sequence_length, bool)
+            or not isinstance(max_sequence_length, int)
+            or max_sequence_length < 1
+        ):
+            raise ValueError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
         self.register_modules(
             transformer=transformer,
             scheduler=scheduler,
@@ -119,6 +208,10 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             image_encoder=image_encoder,
             image_processor=image_processor,
         )
+        # The T5 window the transformer's captions were encoded with: saved in model_index.json and
+        # given back by from_pretrained, so prompts are cut as in training (folders saved without it
+        # load with the default).
+        self.register_to_config(max_sequence_length=max_sequence_length)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.output_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.model_card: str | None = None  # README.md text; see `save_pretrained`
@@ -128,22 +221,22 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     # Conditioning
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, prompt: str | list[str], device=None, max_sequence_length: int = 128):
+    def encode_prompt(self, prompt: str | list[str], device=None, max_sequence_length: int | None = None):
         """T5 token embeddings `(B, L, text_embed_dim)` and their attention mask `(B, L)`, padded
-        to the longest prompt: the same as the feature cache's, so cached and fresh prompts agree."""
+        to the longest prompt: the same as the feature cache's, so cached and fresh prompts agree.
+
+        `max_sequence_length`: tokens kept of each prompt; default `config.max_sequence_length`."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("prompt needs a text_encoder and a tokenizer; pass prompt_embeds instead")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if max_sequence_length is None:
+            max_sequence_length = self.config.max_sequence_length
         device = device or self._execution_device
-        tokens = self.tokenizer(
-            prompts, padding="longest", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        prompt_embeds, prompt_attention_mask = encode_text(
+            self.tokenizer, self.text_encoder, prompts, device, max_sequence_length
         )
-        prompt_attention_mask = tokens.attention_mask.to(device)
-        prompt_embeds = self.text_encoder(
-            tokens.input_ids.to(device), attention_mask=prompt_attention_mask
-        ).last_hidden_state
         return prompt_embeds, prompt_attention_mask  # the names `__call__` takes them back under
 
     @torch.no_grad()
@@ -157,16 +250,8 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         """
         if self.image_encoder is None or self.image_processor is None:
             raise ValueError("image needs an image_encoder and an image_processor; pass image_embeds instead")
-        images = _as_image_list(image)
         device = device or self._execution_device
-        if all(isinstance(im, PIL.Image.Image) for im in images):  # uint8 pixels: the processor rescales
-            pixels = self.image_processor(images=images, return_tensors="pt").pixel_values
-        else:  # already in [0, 1]: rescaling by 1/255 again would leave a near-blank image
-            unit = [_in_unit_range(im) for im in images]
-            pixels = self.image_processor(images=unit, do_rescale=False, return_tensors="pt").pixel_values
-        out = self.image_encoder(pixel_values=pixels.to(device=device, dtype=self.image_encoder.dtype))
-        first_patch = 1 + getattr(self.image_encoder.config, "num_register_tokens", 0)
-        image_embeds, image_tokens = out.pooler_output, out.last_hidden_state[:, first_patch:]
+        image_embeds, image_tokens = encode_images(self.image_processor, self.image_encoder, image, device)
         return image_embeds, image_tokens
 
     # ----------------------------------------------------------------------------------------
@@ -194,7 +279,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         attention_kwargs: dict | None = None,
-        max_sequence_length: int = 128,
+        max_sequence_length: int | None = None,
         **kwargs,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images from a prompt and a reference image, with dual classifier-free guidance.
@@ -202,7 +287,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         Each step runs every branch the guidance needs (∅, text-only, image-only or both) through
         the transformer as ONE batch, and combines them (see `guidance_weights`):
 
-            independent (the seed's):  v = v∅ + s_t·(v_text − v∅) + s_i·(v_image − v∅)
+            independent (the validation plan's):  v = v∅ + s_t·(v_text − v∅) + s_i·(v_image − v∅)
             nested (InstructPix2Pix):  v = v∅ + s_i·(v_image − v∅) + s_t·(v_both − v_image)
 
         A branch whose weight is zero is not run: "nested" at scales (1, 1) is one plain
@@ -219,7 +304,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 name of the first, still works and is deprecated.
             guidance_mode: "nested" (the default: it evaluates both conditions together, the mode
                 70 % of training teaches, and measured better on the demo; see docs/validation.md) or
-                "independent" (the seed's formula).
+                "independent" (the validation plan's formula).
             num_inference_steps: Euler steps from σ = 1 down to 0.
             height, width: output size in pixels; default `sample_size × vae_scale_factor`; both
                 multiples of `vae_scale_factor × patch_size`.
@@ -229,7 +314,8 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             callback_on_step_end: called after each step as `f(pipe, i, t, {name: tensor})` with the
                 tensors named in `callback_on_step_end_tensor_inputs`; may return replacements.
             attention_kwargs: passed to the transformer; `{"scale": s}` scales loaded LoRA adapters.
-            max_sequence_length: T5 tokens kept of each prompt (128, as the feature cache keeps).
+            max_sequence_length: T5 tokens kept of each prompt; default `config.max_sequence_length`,
+                the window the training captions were cut to.
 
         Returns:
             `ImagePipelineOutput` with `images`, or a 1-tuple when `return_dict=False`.
@@ -467,13 +553,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
         """Model-space latents -> images: through the VAE (`latent / scale + shift`), or as they
         are in pixel mode (the latents are the image in [−1, 1])."""
-        if self.vae is None:
-            image = latents.float().clamp(-1, 1)
-        else:
-            config = self.vae.config
-            latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
-            image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
-        return self.output_processor.postprocess(image, output_type=output_type)
+        return self.output_processor.postprocess(decode_latents(self.vae, latents), output_type=output_type)
 
     # ----------------------------------------------------------------------------------------
     # Save / load / Hub

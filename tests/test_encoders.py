@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 from nano_dit.encoders import STAND_IN_MARKER, ConditioningEncoders, EncoderSpec, images_to_tensor
+from nano_dit.pipelines.pipeline_nano_dit import decode_latents
 from nano_dit.synthetic import synthetic_samples
 
 
@@ -24,7 +26,7 @@ def test_stand_ins_load_through_from_pretrained_and_say_so(stand_in_dir, caplog)
 
 def test_text_embeddings_and_mask(encoders):
     embeds, mask = encoders.encode_text(["a small red circle on the left", "a large blue square"])
-    assert embeds.shape == (2, mask.shape[1], encoders.text_embed_dim)
+    assert embeds.shape == (2, mask.shape[1], encoders.text_encoder.config.d_model)
     assert mask.tolist()[1][-2:] == [0, 0]  # the shorter caption is padded
     alone, _ = encoders.encode_text(["a large blue square"])
     torch.testing.assert_close(embeds[1, : alone.shape[1]], alone[0], atol=1e-5, rtol=1e-5)  # padding is inert
@@ -35,8 +37,9 @@ def test_text_embeddings_and_mask(encoders):
 def test_image_embeddings_global_and_patch_tokens(encoders):
     images = [s["image"] for s in synthetic_samples(3, 32)]
     global_embeds, tokens = encoders.encode_images(images)
-    assert global_embeds.shape == (3, encoders.image_embed_dim)
-    assert tokens.shape == (3, (32 // 16) ** 2, encoders.image_embed_dim)  # registers and CLS left out
+    width = encoders.image_encoder.config.hidden_size
+    assert global_embeds.shape == (3, width)
+    assert tokens.shape == (3, (32 // 16) ** 2, width)  # registers and CLS left out
     assert not torch.allclose(global_embeds[0], global_embeds[1])
 
 
@@ -48,7 +51,21 @@ def test_vae_latents_apply_the_flux_shift_and_scale(encoders):
     raw = vae.encode(images_to_tensor(images)).latent_dist.mode()
     expected = (raw - vae.config.shift_factor) * vae.config.scaling_factor
     torch.testing.assert_close(latents, expected)
-    assert encoders.decode_latents(latents).shape == (2, 3, 32, 32)
+    # The pipeline's decoding undoes the shift and scale before the VAE's decoder.
+    decoded = decode_latents(vae, latents)
+    assert decoded.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(decoded, vae.decode(raw).sample)
+
+
+def test_the_text_window_cuts_captions_and_counts_the_cut_ones(stand_in_dir):
+    spec = dataclasses.replace(EncoderSpec.stand_in(stand_in_dir), max_sequence_length=4)
+    encoders = ConditioningEncoders(spec, device="cpu")
+    captions = ["a small red circle on the left, on a plain black background", "a square"]
+    embeds, mask = encoders.encode_text(captions)
+    assert mask.shape == (2, 4) and embeds.shape[:2] == (2, 4)
+    assert mask.tolist()[1] == [1, 1, 1, 0]  # "a square" and its EOS fit; the first caption is cut
+    assert encoders.count_truncated(captions) == 1
+    assert spec.fingerprint("text") != EncoderSpec.stand_in(stand_in_dir).fingerprint("text")
 
 
 def test_pixel_mode_latents_are_the_image(stand_in_dir):

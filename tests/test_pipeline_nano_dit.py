@@ -1,11 +1,20 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_CONFIG, make_inputs, randomize_
 from diffusers import FlowMatchEulerDiscreteScheduler
+from safetensors.torch import load_file
 
 from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
+from nano_dit.encoders import ConditioningEncoders, EncoderSpec
 from nano_dit.pipelines import guidance_weights
+from nano_dit.pipelines.pipeline_nano_dit import MAX_SEQUENCE_LENGTH
 
 
 def _pipe(model):
@@ -262,15 +271,7 @@ def test_more_bad_arguments_name_the_argument(tiny_config, kwargs, message):
 # With the stand-in encoders: prompts and reference images in, the same features as the cache
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def encoders(stand_in_dir):
-    from nano_dit.encoders import ConditioningEncoders, EncoderSpec
-
-    return ConditioningEncoders(EncoderSpec.stand_in(stand_in_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def encoder_pipe(stand_in_dir):
-    from nano_dit.encoders import EncoderSpec
     from nano_dit.hub import build_pipeline
 
     config = dict(TINY_CONFIG, in_channels=16, text_embed_dim=64, image_embed_dim=64, sample_size=4)
@@ -288,13 +289,104 @@ def _images(n, size=32):
 PROMPTS = ["a small red circle on the left, on a plain black background", "a large blue square at the top"]
 
 
-def test_prompts_and_images_encode_exactly_as_the_feature_cache_does(encoder_pipe, encoders):
-    embeds, mask = encoder_pipe.encode_prompt(PROMPTS)
+SHORT_WINDOW = 4  # T5 tokens: both PROMPTS are longer
+
+
+def _short_window(stand_in_dir):
+    """The stand-in encoders as the feature cache loads them with a 4-token text window, and a
+    pipeline of the same encoders told that window (as a run with `--max-sequence-length 4` ships)."""
+    spec = dataclasses.replace(EncoderSpec.stand_in(stand_in_dir), max_sequence_length=SHORT_WINDOW)
+    encoders = ConditioningEncoders(spec, device="cpu")
+    config = dict(TINY_CONFIG, in_channels=16, text_embed_dim=64, image_embed_dim=64, sample_size=4)
+    pipe = NanoDiTPipeline(
+        transformer=randomize_(NanoDiTTransformer2DModel(**config)).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=encoders.vae,
+        text_encoder=encoders.text_encoder,
+        tokenizer=encoders.tokenizer,
+        image_encoder=encoders.image_encoder,
+        image_processor=encoders.image_processor,
+        max_sequence_length=SHORT_WINDOW,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return encoders, pipe
+
+
+@pytest.fixture(scope="module")
+def short_window_folder(stand_in_dir, tmp_path_factory):
+    encoders, pipe = _short_window(stand_in_dir)
+    folder = tmp_path_factory.mktemp("short_window")
+    pipe.save_pretrained(folder)
+    return encoders, folder
+
+
+def test_a_saved_pipeline_keeps_its_text_window_and_encodes_exactly_as_the_feature_cache_does(short_window_folder):
+    encoders, folder = short_window_folder
+    assert encoders.count_truncated(PROMPTS) == 2  # the window cuts both prompts: a default would not
+    assert json.loads((folder / "model_index.json").read_text())["max_sequence_length"] == SHORT_WINDOW
+    pipe = NanoDiTPipeline.from_pretrained(folder)
+    assert pipe.config.max_sequence_length == SHORT_WINDOW
+    embeds, mask = pipe.encode_prompt(PROMPTS)
     cached_embeds, cached_mask = encoders.encode_text(PROMPTS)
+    assert mask.shape == (2, SHORT_WINDOW)
     assert torch.equal(embeds, cached_embeds) and torch.equal(mask, cached_mask)
-    global_embeds, tokens = encoder_pipe.encode_image(_images(2))
+    global_embeds, tokens = pipe.encode_image(_images(2))
     cached_global, cached_tokens = encoders.encode_images(_images(2))
     assert torch.equal(global_embeds, cached_global) and torch.equal(tokens, cached_tokens)
+
+
+def test_the_text_window_survives_loading_without_this_package(short_window_folder, tmp_path):
+    encoders, folder = short_window_folder
+    script = f"""
+import sys
+sys.modules["nano_dit"] = None  # as if this package were not installed: importing it fails
+from diffusers import DiffusionPipeline
+from safetensors.torch import save_file
+
+pipe = DiffusionPipeline.from_pretrained({str(folder)!r}, trust_remote_code=True)
+embeds, mask = pipe.encode_prompt({PROMPTS!r})
+save_file({{"embeds": embeds, "mask": mask}}, {str(tmp_path / "remote.safetensors")!r})
+print(type(pipe).__module__, pipe.config.max_sequence_length)
+"""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    module, window = done.stdout.split()[-2:]
+    assert module.split(".")[0] not in ("nano_dit", "pipelines") and window == str(SHORT_WINDOW)
+    remote = load_file(tmp_path / "remote.safetensors")
+    cached_embeds, cached_mask = encoders.encode_text(PROMPTS)
+    assert torch.equal(remote["embeds"], cached_embeds) and torch.equal(remote["mask"], cached_mask)
+
+
+def test_the_call_s_text_window_defaults_to_the_pipeline_s_config(stand_in_dir):
+    _, pipe = _short_window(stand_in_dir)
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    common = dict(num_inference_steps=2, output_type="latent")
+    default = pipe(PROMPTS, generator=seed(), **common).images
+    assert torch.equal(default, pipe(PROMPTS, max_sequence_length=SHORT_WINDOW, generator=seed(), **common).images)
+    wide = pipe(PROMPTS, max_sequence_length=MAX_SEQUENCE_LENGTH, generator=seed(), **common).images
+    assert not torch.equal(default, wide)
+    assert pipe.encode_prompt(PROMPTS)[1].shape == (2, SHORT_WINDOW)
+
+
+def test_a_folder_saved_without_a_text_window_loads_with_the_default(tiny_model, tmp_path):
+    pipe = _pipe(tiny_model)
+    assert pipe.config.max_sequence_length == MAX_SEQUENCE_LENGTH == EncoderSpec().max_sequence_length
+    pipe.save_pretrained(tmp_path)
+    index_path = tmp_path / "model_index.json"
+    index = json.loads(index_path.read_text())
+    del index["max_sequence_length"]  # as pipelines were saved before the window was recorded
+    index_path.write_text(json.dumps(index))
+    assert NanoDiTPipeline.from_pretrained(tmp_path).config.max_sequence_length == MAX_SEQUENCE_LENGTH
+    assert NanoDiTPipeline.from_pretrained(tmp_path, max_sequence_length=6).config.max_sequence_length == 6
+
+
+@pytest.mark.parametrize("window", [0, -3, 4.0, True])
+def test_a_text_window_that_is_not_a_positive_integer_is_refused(tiny_model, window):
+    with pytest.raises(ValueError, match=f"max_sequence_length must be a positive integer, got {window!r}"):
+        NanoDiTPipeline(
+            transformer=tiny_model, scheduler=FlowMatchEulerDiscreteScheduler(), max_sequence_length=window
+        )
 
 
 def test_a_prompt_and_a_reference_image_give_the_same_images_as_their_embeddings(encoder_pipe):
