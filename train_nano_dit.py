@@ -3,6 +3,8 @@
     accelerate launch --config_file accelerate_config.yaml train_nano_dit.py --preset nano
     accelerate launch train_nano_dit.py --preset demo     # offline, CPU: synthetic set, stand-in encoders
 
+One `main`: set up, prepare the data, build the model, then the loop, whose every step is
+data -> CFG dropout -> loss -> optimizer step -> EMA -> log -> checkpoint -> validation.
 Training reads the feature cache only (`nano-dit data encode`); when the cache lacks samples of
 `--shards`, the data phase encodes them first, and with `--synth-if-missing` (the demo preset)
 it writes the synthetic set and the stand-in encoders too.
@@ -11,55 +13,46 @@ it writes the synthetic set and the stand-in encoders too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
-from PIL import Image
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from nano_dit import FlowMatching, NanoDiTTransformer2DModel
+from nano_dit import NanoDiTTransformer2DModel
 from nano_dit.checkpointing import (
     check_replicas_agree,
     check_resumable,
-    checkpoint_name,
     list_checkpoints,
     load_process_state,
     read_state,
     resolve_resume,
     save_checkpoint,
 )
+from nano_dit.config import TrainConfig, parse_config
+from nano_dit.data import CachedBatches, conditioning, model_config_for, prepare_data
 from nano_dit.feature_cache import load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
-from nano_dit.folders import save_aside
-from nano_dit.hub import PushFailed, build_pipeline, card_figures, run_info, set_model_card, validation_of
-from nano_dit.report import write_report
+from nano_dit.hub import PushFailed, export_run
 from nano_dit.timings import PhaseTimer, RunTimings, describe_device, phase
-from nano_dit.training import (
-    CachedBatches,
-    JsonlLog,
-    TrainConfig,
-    conditioning,
-    model_config_for,
-    parse_config,
-    prepare_feature_cache,
-)
-from nano_dit.validation import ImageMetrics, run_validation
+from nano_dit.training_log import TrainingLog
+from nano_dit.validation import Validator
 
 SIGMA_BINS = 4  # the tracker gets the loss per quarter of the noise range
+SIGMA_BIN_NAMES = [f"loss_sigma_{i / SIGMA_BINS:.2f}-{(i + 1) / SIGMA_BINS:.2f}" for i in range(SIGMA_BINS)]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train; returns the last validation's results. Every phase below, and in the helpers it
-    calls, is timed into `<output-dir>/timings.json`."""
+    """Train; returns the last validation's results. Every phase is timed into
+    `<output-dir>/timings.json`."""
     with PhaseTimer() as timer:
         return train(argv, timer)
 
@@ -77,26 +70,27 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
         dynamo_backend=config.compile_backend if config.compile else None,
     )
     record_launch_settings(config, accelerator)  # config.json, the report and validation see what is in effect
+    device = accelerator.device
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed, device_specific=True)
-    if accelerator.device.type == "cpu":  # `accelerate launch` sets OMP_NUM_THREADS=1 unless asked otherwise
+    if device.type == "cpu":  # `accelerate launch` sets OMP_NUM_THREADS=1 unless asked otherwise
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(config.cpu_threads or max(cores // accelerator.num_processes, 1))
     ckpt_dir = config.checkpoints
     check_output_dir(config, ckpt_dir, remove=accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    timer.device = accelerator.device  # phases end when the device's queued work has
+    timer.device = device  # phases end when the device's queued work has
 
     # ---------------------------------------------------------------- data
     with accelerator.main_process_first():  # one process encodes, the others then read the cache
         if accelerator.is_main_process:
-            accelerator.print(prepare_feature_cache(config).summary())
+            accelerator.print(prepare_data(config).summary())
         with phase("data: loading the cache"):
             manifest, buckets = load_cache(config.cache)
             batches = CachedBatches(
                 buckets,
                 config.batch_size,
-                accelerator.device,
+                device,
                 seed=config.seed + accelerator.process_index,
                 on_device={"auto": None, "yes": True, "no": False}[config.cache_on_device],
             )
@@ -108,7 +102,7 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, foreach=True)
-        optimizer = build_optimizer(config, model, accelerator.device)
+        optimizer = build_optimizer(config, model, device)
         # Accelerate steps a prepared scheduler once per process at each optimizer step, hence the
         # scaling (as diffusers' training scripts do): the schedule spans total_steps optimizer steps.
         n = accelerator.num_processes
@@ -116,20 +110,17 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
             optimizer, config.warmup_steps * n, config.total_steps * n, min_lr=config.min_lr
         )
         model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-        ema.to(accelerator.device)
+        ema.to(device)
+    params = list(model.parameters())  # walked once, not at every clip and EMA update
+    objective = config.objective()
     cfg_dropout = config.cfg_dropout(rank=accelerator.process_index)
     accelerator.register_for_checkpointing(ema)  # the same on every process; save_state carries it
-    stand_in = (
-        " with STAND-IN encoders (tiny, random: not real T5 / DINOv3)" if manifest["encoders"]["stand_in"] else ""
-    )
+    stand_in = manifest["encoders"]["stand_in"]
     accelerator.print(
         f"NanoDiT: {accelerator.unwrap_model(model, keep_torch_compile=False).num_parameters() / 1e6:.2f}M parameters; "
-        f"{sum(len(b) for b in buckets)} cached samples in {len(buckets)} bucket(s){stand_in}"
-        + (
-            ""
-            if accelerator.device.type == "cpu"
-            else f"; cache in {'device' if batches.on_device else 'host'} memory"
-        )
+        f"{sum(len(b) for b in buckets)} cached samples in {len(buckets)} bucket(s)"
+        + (" with STAND-IN encoders (tiny, random: not real T5 / DINOv3)" if stand_in else "")
+        + ("" if device.type == "cpu" else f"; cache in {'device' if batches.on_device else 'host'} memory")
     )
 
     # ---------------------------------------------------------------- resume
@@ -147,67 +138,134 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
         os.makedirs(ckpt_dir, exist_ok=True)
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-            json.dump(vars(config), f, indent=2)
-    accelerator.init_trackers("nano-dit", config={k: v for k, v in vars(config).items() if k != "model"})
+            json.dump(config_record(config), f, indent=2)
+    accelerator.init_trackers("nano-dit", config={k: v for k, v in config_record(config).items() if k != "model"})
 
     # ---------------------------------------------------------------- loop
     log_path = os.path.join(ckpt_dir, "training_log.jsonl")
-    run = dict(accelerator=accelerator, model=model, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
-    run["params"] = list(model.parameters())  # walked once, not at every clip and EMA update
-    settings = {"device": describe_device(accelerator.device), "mixed_precision": config.mixed_precision}
+    settings = {"device": describe_device(device), "mixed_precision": config.mixed_precision}
     settings.update(compile=config.compile, start_step=start_step)  # a resumed run times its own steps
-    run["timings"] = RunTimings(config.output_dir, timer, settings, started)
-    run["validator"] = Validator(
-        config, buckets, cfg_dropout.scheme, bool(stand_in), accelerator, ema, log_path, run["timings"]
+    timings = RunTimings(config.output_dir, timer, settings, started)
+    validator = Validator(config, buckets, cfg_dropout.scheme, stand_in, accelerator, ema, log_path, timings)
+    if accelerator.is_main_process:
+        timings.save()  # the data and model phases, before the loop (rewritten as the run goes)
+    log = TrainingLog(log_path, enabled=accelerator.is_main_process, resume_step=start_step if config.resume else None)
+    progress = tqdm(
+        range(config.total_steps), initial=start_step, disable=not accelerator.is_main_process, desc="train"
     )
-    if accelerator.is_main_process:
-        run["timings"].save()  # the data and model phases, before the loop (rewritten as the run goes)
-    with JsonlLog(
-        log_path, enabled=accelerator.is_main_process, resume_step=start_step if config.resume else None
-    ) as log:
-        train_loop(config, run, cfg_dropout, batches, log, start_step, ckpt_dir)
+    samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    sigma_loss_sums = sigma_counts = torch.zeros(SIGMA_BINS, device=device)
+    bad_in_a_row, interval_start = 0, time.perf_counter()
+    timed_before, loop_start = sum(timer.seconds.values()), time.perf_counter()
+    step = start_step
+    try:
+        for step in range(start_step + 1, config.total_steps + 1):
+            # The first step apart: it compiles (--compile) and warms the allocator and kernels.
+            first = timer.phase("training: first step") if step == start_step + 1 else contextlib.nullcontext()
+            with first:
+                losses = []
+                for _ in range(config.gradient_accumulation_steps):
+                    batch = next(batches)
+                    drop_text, drop_image = (m.to(device) for m in cfg_dropout.sample(config.batch_size))
+                    with accelerator.accumulate(model), accelerator.autocast():
+                        out = objective.loss(
+                            model, batch["latents"], drop_text=drop_text, drop_image=drop_image, **conditioning(batch)
+                        )
+                        accelerator.backward(out.loss)  # Accelerate divides by the accumulation steps
+                    losses.append(out.loss.detach())
+                    sums, counts = loss_by_sigma_bin(out.per_sample, out.sigmas, SIGMA_BINS)
+                    sigma_loss_sums, sigma_counts = sigma_loss_sums + sums, sigma_counts + counts
+                grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip)  # gradients are synced now
+                loss = torch.stack(losses).mean()
+                # One host sync per step, on purpose: a non-finite update must never reach the
+                # weights, the EMA, nor so any checkpoint.
+                applied = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
+                if applied:
+                    optimizer.step()
+                    lr_scheduler.step()
+                    ema.step(params)
+                optimizer.zero_grad(set_to_none=True)
+            progress.update(1)
 
-    # ---------------------------------------------------------------- save
+            # -------- log: each step's values stay on the device until a logging step reads them all
+            log.add(step, loss, grad_norm.detach(), lr_scheduler.get_last_lr()[0], ema.cur_decay_value, not applied)
+            bad_in_a_row = 0 if applied else bad_in_a_row + 1
+            if not applied:
+                accelerator.print(
+                    f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)"
+                )
+            if bad_in_a_row >= config.max_bad_steps:
+                log.flush(samples_per_step, time.perf_counter() - interval_start)  # the report reads every step
+                if accelerator.is_main_process:
+                    validator.report(stopped=True)
+                raise RuntimeError(
+                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (the last at step {step}): "
+                    f"stopping. Lower --peak-lr or check the data; resume from the last checkpoint in {ckpt_dir}"
+                )
+            last = step == config.total_steps  # the log ends with the run's last step, whatever the intervals
+            validating = config.validation and (step % config.validation_every == 0 or last)
+            if last or validating or step % config.log_every == 0 or step % config.checkpoint_every == 0:
+                record = log.flush(samples_per_step, time.perf_counter() - interval_start)[-1]
+                by_sigma = (
+                    sigma_loss_sums / sigma_counts.clamp(min=1)
+                ).tolist()  # mean loss per σ bin since the last log
+                accelerator.log({**record.scalars(), **dict(zip(SIGMA_BIN_NAMES, by_sigma))}, step=step)
+                sigma_loss_sums = sigma_counts = torch.zeros(SIGMA_BINS, device=device)
+                progress.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
+
+            # -------- checkpoint
+            if step % config.checkpoint_every == 0:
+                with timer.phase("checkpoints"):
+                    check_replicas_agree(accelerator, model)
+                    state = {"config": config_record(config), "cfg_dropout_scheme": cfg_dropout.scheme}
+                    samplers = {"cfg_dropout": cfg_dropout.state_dict(), "batches": batches.state_dict()}
+                    save_checkpoint(accelerator, ckpt_dir, step, state, config.checkpoints_total_limit, samplers)
+                if accelerator.is_main_process:
+                    timings.save()  # a run killed later still shows where its time went so far
+
+            # -------- validate
+            if validating:
+                timings.note_peak(device)
+                with timer.phase("validation"):
+                    validator(step)
+            if not log.pending:  # logged: the next interval's rate counts training alone
+                interval_start = time.perf_counter()
+    except torch.cuda.OutOfMemoryError as err:  # (torch.OutOfMemoryError in newer torch)
+        raise OutOfMemory(out_of_memory_message(config, step, ckpt_dir)) from err
+    finally:
+        log.close()
+
+    # Training's own time: the loop's, less the first step, checkpoints and validations (timed apart).
+    timer.sync()
+    steps_run = config.total_steps - start_step
+    if steps_run > 0:
+        seconds = time.perf_counter() - loop_start - (sum(timer.seconds.values()) - timed_before)
+        timer.add("training", seconds)
+        timings.note_peak(device)
+        timings.note_training(steps_run - 1, seconds, timer.seconds["training: first step"], samples_per_step)
+
+    # ---------------------------------------------------------------- export
     accelerator.wait_for_everyone()
-    result = {}
+    push_failed = None
     if accelerator.is_main_process:
-        with phase("export"):
-            result = export_final(config, run, buckets, cfg_dropout.scheme)
-        run["timings"].save()  # timings.json, then RESULTS.md with every phase, export included
-        run["validator"].report()
+        with phase("export"):  # checkpoint_final: the EMA weights, the encoders, a model card
+            data = {
+                "shards": config.shards,
+                "samples": sum(len(b) for b in buckets),
+                "buckets": [b.bucket for b in buckets],
+            }
+            push_failed = export_run(validator.pipeline(), config, cfg_dropout.scheme, data, *validator.figures())
+        timings.save()  # timings.json, then RESULTS.md with every phase, export included
+        validator.report()
     accelerator.end_training()
-    if "push_failed" in run:  # after the report: everything local is written
-        raise run["push_failed"]
-    return result
+    if push_failed is not None:  # after the report: everything local is written
+        raise push_failed
+    return validator.last
 
 
-def export_final(config: TrainConfig, run: dict, buckets, scheme: str) -> dict:
-    """checkpoint_final: the pipeline with the final EMA weights and a model card carrying the last
-    validation's figures (pushed to the Hub when asked). Returns that validation's results."""
-    accelerator, validator, ckpt_dir = run["accelerator"], run["validator"], config.checkpoints
-    if validator.pipe is None:  # no validation ran: build the shipped pipeline now
-        final = accelerator.unwrap_model(run["model"], keep_torch_compile=False)
-        run["ema"].copy_to(final.parameters())  # the EMA weights are the ones we ship and sample
-        validator.pipe = build_pipeline(final, config.encoder_spec())
-    pipe, result = validator.pipe, validator.last
-    figures, sheet = card_figures(result), validator.sheet()
-    last = Path(ckpt_dir) / checkpoint_name(config.total_steps)
-    if not figures and last.exists():  # resumed with no step left: the last step's validation, if it ran
-        figures, sheet = validation_of(last, config.total_steps, config.output_dir)
-    data = {"shards": config.shards, "samples": sum(len(b) for b in buckets), "buckets": [b.bucket for b in buckets]}
-    info = run_info(config, config.total_steps, scheme, data=data, results=figures)
-    set_model_card(pipe, info, sheet, repo_id=config.repo_id if config.push_to_hub else None)
-    final_dir = Path(ckpt_dir) / "checkpoint_final"
-    save_aside(pipe.save_pretrained, final_dir)  # written beside it, swapped in whole
-    accelerator.print(f"pipeline (EMA weights): {final_dir}")
-    if config.push_to_hub:
-        try:
-            url = pipe.push_to_hub(config.repo_id)
-        except Exception as err:  # offline, no connection, refused: the run is saved, say why and go on
-            run["push_failed"] = PushFailed.of(err, config.repo_id, final_dir)
-        else:
-            accelerator.print(f"pushed to the Hub: {url}")
-    return result
+def config_record(config: TrainConfig) -> dict:
+    """The config as plain values (config.json, the checkpoint's training state, the tracker)."""
+    return dataclasses.asdict(config)
 
 
 def record_launch_settings(config: TrainConfig, accelerator: Accelerator) -> None:
@@ -257,78 +315,6 @@ def build_optimizer(config: TrainConfig, model, device) -> torch.optim.Optimizer
     return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **params)
 
 
-def train_loop(config: TrainConfig, run: dict, cfg_dropout, batches, log, start_step: int, ckpt_dir: str) -> None:
-    accelerator = run["accelerator"]
-    objective = FlowMatching()
-    progress = tqdm(
-        range(config.total_steps), initial=start_step, disable=not accelerator.is_main_process, desc="train"
-    )
-    start, pending, bad_in_a_row = time.perf_counter(), [], 0
-    samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    bin_sums = bin_counts = torch.zeros(SIGMA_BINS, device=accelerator.device)
-    timer = run["timings"].timer
-    timed_before, loop_start = sum(timer.seconds.values()), time.perf_counter()
-    for step in range(start_step + 1, config.total_steps + 1):
-        try:
-            # The first step apart: it compiles (--compile) and warms the allocator and kernels.
-            with timer.phase("training: first step") if step == start_step + 1 else contextlib.nullcontext():
-                loss, grad_norm, applied, bins = optimizer_step(config, run, objective, batches, cfg_dropout)
-        except torch.cuda.OutOfMemoryError as err:  # (torch.OutOfMemoryError in newer torch)
-            raise OutOfMemory(out_of_memory_message(config, step, ckpt_dir)) from err
-        progress.update(1)
-        # One record per step, kept on the device; the host syncs only at logging intervals.
-        lr, decay = run["lr_scheduler"].get_last_lr()[0], run["ema"].cur_decay_value
-        pending.append((step, loss, grad_norm, lr, decay, not applied))
-        bad_in_a_row = 0 if applied else bad_in_a_row + 1
-        if not applied:
-            accelerator.print(f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
-            if bad_in_a_row >= config.max_bad_steps:
-                # the log keeps every step up to the stop, for the report
-                write_records(log, pending, samples_per_step, time.perf_counter() - start)
-                run["validator"].report_stopped()
-                raise RuntimeError(
-                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (the last at step {step}): "
-                    f"stopping. Lower --peak-lr or check the data; resume from the last checkpoint in {ckpt_dir}"
-                )
-        bin_sums, bin_counts = bin_sums + bins[0], bin_counts + bins[1]
-        validating = config.validation and (step % config.validation_every == 0 or step == config.total_steps)
-        last = step == config.total_steps  # the log ends with the run's last step, whatever the intervals
-        if last or step % config.log_every == 0 or step % config.checkpoint_every == 0 or validating:
-            records = write_records(log, pending, samples_per_step, time.perf_counter() - start)
-            scalars = {k: records[-1][k] for k in ("loss", "grad_norm", "lr", "ema_decay", "samples_per_s")}
-            by_sigma = (bin_sums / bin_counts.clamp(min=1)).tolist()  # mean loss per σ bin since the last log
-            scalars.update(
-                {f"loss_sigma_{i / SIGMA_BINS:.2f}-{(i + 1) / SIGMA_BINS:.2f}": v for i, v in enumerate(by_sigma)}
-            )
-            accelerator.log(scalars, step=step)
-            bin_sums = bin_counts = torch.zeros(SIGMA_BINS, device=accelerator.device)
-            progress.set_postfix(loss=f"{records[-1]['loss']:.4f}", lr=f"{records[-1]['lr']:.2e}")
-            pending = []
-        if step % config.checkpoint_every == 0:
-            with timer.phase("checkpoints"):
-                check_replicas_agree(accelerator, run["model"])
-                state = {"config": vars(config), "cfg_dropout_scheme": cfg_dropout.scheme}
-                samplers = {"cfg_dropout": cfg_dropout.state_dict(), "batches": batches.state_dict()}
-                save_checkpoint(accelerator, ckpt_dir, step, state, config.checkpoints_total_limit, samplers)
-            if accelerator.is_main_process:
-                run["timings"].save()  # a run killed later still shows where its time went so far
-        if validating:
-            run["timings"].note_peak(accelerator.device)
-            with timer.phase("validation"):
-                run["validator"](step)
-        if not pending:  # logged: the next interval's rate counts training alone
-            start = time.perf_counter()
-    # Training's own time: the loop's, less the first step, checkpoints and validations (timed apart).
-    timer.sync()
-    steps_run = config.total_steps - start_step
-    if steps_run > 0:
-        seconds = time.perf_counter() - loop_start - (sum(timer.seconds.values()) - timed_before)
-        timer.add("training", seconds)
-        run["timings"].note_peak(accelerator.device)
-        first = timer.seconds["training: first step"]
-        run["timings"].note_training(steps_run - 1, seconds, first, samples_per_step)
-
-
 class OutOfMemory(RuntimeError):
     """The device ran out of memory; the message says what to change and where to resume."""
 
@@ -344,129 +330,6 @@ def out_of_memory_message(config: TrainConfig, step: int, ckpt_dir: str) -> str:
     if config.mixed_precision == "no":
         remedies.append("--mixed-precision bf16")
     return f"out of device memory at step {step}. Try {', '.join(remedies)}. The last good checkpoint is {resume}."
-
-
-def optimizer_step(config: TrainConfig, run: dict, objective, batches, cfg_dropout):
-    """One optimizer step: forward and backward over `gradient_accumulation_steps` micro-batches,
-    clip, and — if loss and gradients are finite — the update and EMA.
-
-    Returns (loss, grad_norm, applied, (σ-bin loss sums, counts)). Deciding costs one host sync per
-    step, on purpose: a non-finite update must never reach the weights (nor, so, any checkpoint).
-    """
-    accelerator, model = run["accelerator"], run["model"]
-    losses, bins = [], None
-    for _ in range(config.gradient_accumulation_steps):
-        batch = next(batches)
-        drop_text, drop_image = (m.to(accelerator.device) for m in cfg_dropout.sample(config.batch_size))
-        with accelerator.accumulate(model), accelerator.autocast():
-            out = objective.loss(
-                model, batch["latents"], drop_text=drop_text, drop_image=drop_image, **conditioning(batch)
-            )
-            accelerator.backward(out.loss)  # Accelerate divides by the accumulation steps
-        losses.append(out.loss.detach())
-        micro = loss_by_sigma_bin(out.per_sample, out.sigmas, SIGMA_BINS)
-        bins = micro if bins is None else (bins[0] + micro[0], bins[1] + micro[1])
-    grad_norm = accelerator.clip_grad_norm_(run["params"], config.grad_clip)  # gradients are synced now
-    loss = torch.stack(losses).mean()
-    applied = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
-    if applied:
-        run["optimizer"].step()
-        run["lr_scheduler"].step()
-        run["ema"].step(run["params"])
-    run["optimizer"].zero_grad(set_to_none=True)
-    return loss, grad_norm.detach(), applied, bins
-
-
-def write_records(log, pending: list, samples_per_step: int, seconds: float) -> list[dict]:
-    """Turn the buffered per-step values into log records with one host sync for all of them,
-    write them to `log` and return them."""
-    losses = torch.stack([p[1] for p in pending]).float().tolist()
-    norms = torch.stack([p[2] for p in pending]).float().tolist()
-    rate = samples_per_step * len(pending) / max(seconds, 1e-9)
-    now = time.time()
-    records = [
-        {
-            "step": step,
-            "loss": loss,
-            "grad_norm": norm,
-            "lr": lr,
-            "ema_decay": decay,
-            "samples_per_s": rate,
-            "time": now,
-            **({"skipped": True} if skipped else {}),
-        }
-        for (step, _, _, lr, decay, skipped), loss, norm in zip(pending, losses, norms)
-    ]
-    for record in records:
-        log.write(record)
-    return records
-
-
-class Validator:
-    """The seed's three tests on the EMA weights (main process; the others wait), then RESULTS.md.
-
-    The validation pipeline (its own transformer, the encoders the run used, LPIPS) is built at the
-    first validation and kept; at the end it holds the final EMA weights and is what ships.
-    """
-
-    def __init__(self, config: TrainConfig, buckets, scheme: str, stand_in: bool, accelerator, ema, log_path, timings):
-        self.config, self.buckets, self.scheme, self.stand_in = config, buckets, scheme, stand_in
-        self.accelerator, self.ema, self.log_path, self.timings = accelerator, ema, log_path, timings
-        self.pipe, self.metrics, self.last, self.folder = None, None, {}, None
-
-    def __call__(self, step: int) -> None:
-        accelerator = self.accelerator
-        if accelerator.is_main_process:
-            devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):  # training's random numbers stay as they were
-                self._validate(step)
-        accelerator.wait_for_everyone()
-
-    def _validate(self, step: int) -> None:
-        accelerator, config = self.accelerator, self.config
-        start = time.perf_counter()
-        if self.pipe is None:  # the first validation loads the encoders and the metrics' networks
-            model = NanoDiTTransformer2DModel(**config.model)
-            self.pipe = build_pipeline(model, config.encoder_spec()).to(accelerator.device)
-            self.metrics = ImageMetrics(accelerator.device, config.lpips_backbone)
-        self.ema.copy_to(self.pipe.transformer.parameters())
-        setup = time.perf_counter() - start
-        self.folder = Path(config.output_dir) / "validation" / f"step{step:07d}"
-        info = {"checkpoint": f"EMA weights at step {step}", "cfg_dropout_scheme": self.scheme}
-        results = run_validation(self.pipe, self.buckets, self.folder, self.metrics, config.sampling(), step, info)
-        phases = {"setup": round(setup, 3), **results["timings"]["phases"]}
-        self.timings.note_validation(step, time.perf_counter() - start, phases)
-        self.timings.save()
-        summary = self.report()
-        self.last = {**results, **summary}
-        accelerator.log(card_figures(self.last), step=step)
-        reasons = "; ".join(summary["reasons"][:3])
-        accelerator.print(
-            f"validation at step {step}: {summary['verdict']}{' — ' + reasons if reasons else ''} "
-            f"(see {Path(config.output_dir) / 'RESULTS.md'})"
-        )
-
-    def report(self, stopped: bool = False) -> dict:
-        config = self.config
-        return write_report(
-            config.output_dir,
-            config.thresholds(),
-            config.warmup_steps,
-            scheme=self.scheme,
-            log_path=self.log_path,
-            stand_in=self.stand_in,
-            stopped=stopped,
-        )
-
-    def report_stopped(self) -> None:
-        """A run that stops itself still gets its RESULTS.md, from the training log."""
-        if self.accelerator.is_main_process:
-            self.report(stopped=True)
-
-    def sheet(self):
-        """The newest reconstruction sheet, for the model card."""
-        path = self.folder / "reconstruction" / "sheet.png" if self.folder else None
-        return Image.open(path) if path and path.exists() else None
 
 
 if __name__ == "__main__":

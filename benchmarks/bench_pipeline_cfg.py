@@ -2,7 +2,7 @@
 forward at the same total batch and (b) the same guidance run as one transformer call per branch.
 
     python benchmarks/bench_pipeline_cfg.py                       # nano model, 16x16 latents, CPU
-    python benchmarks/bench_pipeline_cfg.py --latent-size 64 --device cuda   # the seed's 512² on a GPU
+    python benchmarks/bench_pipeline_cfg.py --latent-size 64 --device cuda   # the validation plan's 512² on a GPU
 
 Random weights and conditioning of the real shapes (nothing downloaded). Each repeat times
 `--steps` denoising steps of each variant, interleaved; prints per-step medians and the ratios

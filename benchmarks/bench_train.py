@@ -29,7 +29,7 @@ from shapes import TEXT_TOKENS, add_shape_arguments, build_model, random_inputs,
 from torch.utils.flop_counter import FlopCounterMode
 
 from nano_dit import FlowMatching
-from nano_dit.training import PRESETS
+from nano_dit.config import PRESETS
 
 GB = 2**30
 

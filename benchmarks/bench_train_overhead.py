@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from nano_dit import FlowMatching, NanoDiTTransformer2DModel
+from nano_dit.config import PRESETS, parse_config
+from nano_dit.data import CachedBatches, conditioning, model_config_for, prepare_data
 from nano_dit.feature_cache import load_cache
-from nano_dit.training import PRESETS, CachedBatches, conditioning, model_config_for, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,7 @@ def main() -> None:
             *("--output-dir", f"{tmp}/run", "--no-validation"),
         ]
         config = parse_config(flags)
-        train.prepare_feature_cache(config)
+        prepare_data(config)
         _, buckets = load_cache(config.cache)
         model = NanoDiTTransformer2DModel(**model_config_for(config, buckets))
         batches = CachedBatches(buckets, args.batch_size, "cpu", seed=0)

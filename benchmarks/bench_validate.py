@@ -1,8 +1,8 @@
-"""Time of one full validation (the seed's three tests, nano_dit.validation.run_validation) at the
+"""Time of one full validation (the validation plan's three tests, nano_dit.validation.run_validation) at the
 nano preset: eager and compiled, cold (first call) and warm.
 
     python benchmarks/bench_validate.py                       # CPU: 16 images at 128², 10 Euler steps
-    python benchmarks/bench_validate.py --device cuda --compile   # GPU: the seed's 100 images at 512², 50 steps
+    python benchmarks/bench_validate.py --device cuda --compile   # GPU: the validation plan's 100 images at 512², 50 steps
 
 Everything has the real shapes and random weights (nothing downloaded): the nano transformer at
 the real encoders' widths (benchmarks/shapes.py), the Flux VAE's architecture on CUDA (a tiny
@@ -31,10 +31,10 @@ from shapes import IMAGE_DIM, LATENT_CHANNELS, TEXT_DIM, build_model, sync
 from transformers import AutoTokenizer, T5EncoderModel
 
 from nano_dit import NanoDiTPipeline
+from nano_dit.config import PRESETS
 from nano_dit.encoders import make_stand_in_encoders
 from nano_dit.feature_cache import CachedBucket
 from nano_dit.synthetic import synthetic_samples
-from nano_dit.training import PRESETS
 from nano_dit.validation import ImageMetrics, SamplingConfig, caption_edits, run_validation, swap_pairs
 
 

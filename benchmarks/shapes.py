@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from nano_dit import NanoDiTTransformer2DModel
-from nano_dit.training import PRESETS
+from nano_dit.config import PRESETS
 
 LATENT_CHANNELS, TEXT_DIM, IMAGE_DIM, TEXT_TOKENS = 16, 768, 384, 128
 
@@ -24,7 +24,7 @@ def add_shape_arguments(parser: argparse.ArgumentParser, latent_size: int) -> No
         "--latent-size",
         type=int,
         default=latent_size,
-        help=f"latent side, 8x down from the image: 64 is the seed's 512² (default: {latent_size})",
+        help=f"latent side, 8x down from the image: 64 is the validation plan's 512² (default: {latent_size})",
     )
 
 

@@ -2,7 +2,7 @@
 
 Dual CFG at sampling needs four distinct things the model has learned: both conditions, neither,
 text only and image only. Dropping text and image with independent Bernoulli draws mixes these up
-(the seed's "CFG Dropout Fix": checkpoints trained that way are invalid), so every sample here is
+(the validation plan's "CFG Dropout Fix": checkpoints trained that way are invalid), so every sample here is
 given exactly one *mode*, drawn from a shuffled bag: over every block of ``bag_size`` consecutive
 draws the counts are exact (70 / 10 / 10 / 10 of 100 by default), not just right on average.
 """

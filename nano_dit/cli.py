@@ -75,7 +75,7 @@ def _encode(args: argparse.Namespace) -> None:
             vae=None if args.pixel_mode else args.vae,
             vae_subfolder=args.vae_subfolder,
             revision=args.revision,
-            max_text_length=args.max_text_length,
+            max_sequence_length=args.max_sequence_length,
         )
     report = encode_dataset(args.shards, args.cache, spec, batch_size=args.batch_size, device=args.device)
     print(report.summary())
@@ -83,7 +83,7 @@ def _encode(args: argparse.Namespace) -> None:
 
 def _model_info(args: argparse.Namespace) -> None:
     from nano_dit import NanoDiTTransformer2DModel
-    from nano_dit.training import PRESETS
+    from nano_dit.config import PRESETS
 
     model = NanoDiTTransformer2DModel(**PRESETS[args.preset]["model"])
     print(json.dumps({"preset": args.preset, "parameters": model.num_parameters(), **model.config}, indent=2))
@@ -100,26 +100,23 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from nano_dit.config import SamplingConfig, flag_fields
     from nano_dit.validation import validate_checkpoint
 
+    sampling = {
+        f.name: getattr(args, f.name) for f in flag_fields(SamplingConfig) if getattr(args, f.name) is not None
+    }
+    dataclasses.replace(SamplingConfig(), **sampling).check()  # refused before anything is loaded
+    run_level = {k: getattr(args, k) for k in ("compile", "mixed_precision") if getattr(args, k) is not None}
     summary = validate_checkpoint(
         args.checkpoint,
         cache=args.cache,
         output_dir=args.output_dir,
         device=args.device,
         lpips_backbone=args.lpips_backbone,
-        overrides={
-            k: v
-            for k, v in {
-                "validation_steps": args.steps,
-                "text_guidance_scale": args.text_guidance_scale,
-                "image_guidance_scale": args.image_guidance_scale,
-                "guidance_mode": args.guidance_mode,
-                "compile": args.compile,
-                "mixed_precision": args.mixed_precision,
-            }.items()
-            if v is not None
-        },
+        overrides={**sampling, **run_level},
     )
     print(f"{summary['verdict']}: {summary['report']}")
     for reason in summary["reasons"]:
@@ -153,8 +150,16 @@ def _seed(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nano_dit.config import (
+        LPIPS_BACKBONES,
+        MIXED_PRECISIONS,
+        PRESETS,
+        RENAMED,
+        SamplingConfig,
+        add_flags,
+        flag_fields,
+    )
     from nano_dit.encoders import EncoderSpec
-    from nano_dit.training import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="nano-dit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--pixel-mode", action="store_true", help="no VAE: the latents are the pixels")
     encode.add_argument("--revision", default=None, help="Hub revision to pin (keys the cache)")
     encode.add_argument(
-        "--max-text-length", type=_number(int), default=defaults.max_text_length, help="T5 token limit"
+        "--max-sequence-length",
+        "--max-text-length",  # its earlier name
+        type=_number(int),
+        default=defaults.max_sequence_length,
+        help="T5 tokens kept of a caption (the shipped pipeline keeps the same)",
     )
     encode.add_argument("--batch-size", type=_number(int), default=16, help="images per encoder call")
     encode.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
@@ -237,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--private", action="store_true", default=None, help="create the Hub repo as private")
     exp.set_defaults(func=_export)
 
-    val = sub.add_parser("validate", help="the seed's three tests on a checkpoint, and the go / no-go report")
+    val = sub.add_parser(
+        "validate", help="the validation plan's three tests on a checkpoint, and the go / no-go report"
+    )
     val.add_argument(
         "--checkpoint", required=True, help="checkpoint_stepNNNNNNN or a pipeline folder (checkpoint_final)"
     )
@@ -245,17 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument(
         "--output-dir", default=None, help="run folder for validation/ and RESULTS.md (default: the checkpoint's run)"
     )
-    val.add_argument("--steps", type=_number(int), default=None, help="Euler steps (default: the run's, 50)")
-    val.add_argument(
-        "--text-guidance-scale", type=_number(float, inclusive=True), default=None, help="default: the run's (3.0)"
+    # The sampling settings, as the trainer's flags name them; unset: the run's own.
+    add_flags(
+        val, flag_fields(SamplingConfig), "default: the run's", renamed={**RENAMED, "steps": "num_inference_steps"}
     )
-    val.add_argument(
-        "--image-guidance-scale", type=_number(float, inclusive=True), default=None, help="default: the run's (2.0)"
-    )
-    val.add_argument("--guidance-mode", choices=("independent", "nested"), default=None, help="default: the run's")
-    val.add_argument(
-        "--lpips-backbone", choices=("pretrained", "random", "none"), default="pretrained", help="default: pretrained"
-    )
+    val.add_argument("--lpips-backbone", choices=LPIPS_BACKBONES, default="pretrained", help="default: pretrained")
     val.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -264,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val.add_argument(
         "--mixed-precision",
-        choices=("no", "bf16", "fp16"),
+        choices=MIXED_PRECISIONS,
         default=None,
         help="sample under autocast (default: the precision the run trained in)",
     )

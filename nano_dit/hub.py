@@ -24,6 +24,7 @@ from PIL import Image
 
 from . import __version__
 from .checkpointing import STATE_FILE, read_state
+from .config import TrainConfig
 from .encoders import ConditioningEncoders, EncoderSpec, describe
 from .folders import save_aside
 from .pipelines import NanoDiTPipeline
@@ -44,14 +45,13 @@ def build_pipeline(transformer: NanoDiTTransformer2DModel, spec: EncoderSpec) ->
         tokenizer=encoders.tokenizer,
         image_encoder=encoders.image_encoder,
         image_processor=encoders.image_processor,
+        max_sequence_length=spec.max_sequence_length,  # the window the cache's captions were encoded with
     )
 
 
 def load_pipeline(checkpoint: str | Path) -> NanoDiTPipeline:
     """A pipeline folder (`model_index.json`), or a training checkpoint (`training_state.json`)
     made into one: its EMA weights and the encoders its config names."""
-    from .training import TrainConfig
-
     path = Path(checkpoint)
     if (path / "model_index.json").exists():
         return NanoDiTPipeline.from_pretrained(path)
@@ -67,7 +67,7 @@ def load_pipeline(checkpoint: str | Path) -> NanoDiTPipeline:
         for param, shadow in zip(transformer.parameters(), ema["shadow_params"], strict=True):
             param.copy_(shadow)
     pipe = build_pipeline(transformer, config.encoder_spec())
-    figures, sheet = validation_of(path, state["step"], config.output_dir)
+    figures, sheet = recorded_figures(path, state["step"], config.output_dir)
     info = run_info(config, step=state["step"], cfg_dropout_scheme=state["cfg_dropout_scheme"], results=figures)
     set_model_card(pipe, info, sheet)
     return pipe
@@ -98,7 +98,7 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def validation_of(checkpoint: Path, step: int, output_dir: str | None = None) -> tuple[dict, Image.Image | None]:
+def recorded_figures(checkpoint: Path, step: int, output_dir: str | None = None) -> tuple[dict, Image.Image | None]:
     """The headline figures and reconstruction sheet of the validation that ran on a training
     checkpoint: `validation/stepNNNNNNN/` in its run folder (`output_dir`, else the one holding
     `checkpoints/`), written after the checkpoint — an older one belongs to an earlier run that
@@ -113,7 +113,9 @@ def validation_of(checkpoint: Path, step: int, output_dir: str | None = None) ->
     return {}, None
 
 
-def run_info(config, step: int, cfg_dropout_scheme: str, data: dict | None = None, results: dict | None = None):
+def run_info(
+    config: TrainConfig, step: int, cfg_dropout_scheme: str, data: dict | None = None, results: dict | None = None
+):
     """What the model card tells about a run (and keeps, in its metadata, for the next export)."""
     return {
         "version": __version__,
@@ -222,6 +224,27 @@ def set_model_card(
     card = populate_model_card(card, tags=tags + (["stand-in-encoders"] if info["encoders"]["stand_in"] else []))
     pipe.model_card = str(card)
     pipe.model_card_assets = assets
+
+
+def export_run(
+    pipe: NanoDiTPipeline, config: TrainConfig, scheme: str, data: dict, figures: dict, sheet: Image.Image | None
+) -> PushFailed | None:
+    """The end of a run: `pipe` (the final EMA weights) with its model card written to
+    `<checkpoints>/checkpoint_final`, and pushed to the Hub when the config asks. A failed push is
+    returned, not raised: everything local is written, and the caller finishes its report first."""
+    info = run_info(config, config.total_steps, scheme, data=data, results=figures)
+    set_model_card(pipe, info, sheet, repo_id=config.repo_id if config.push_to_hub else None)
+    final_dir = Path(config.checkpoints) / "checkpoint_final"
+    save_aside(pipe.save_pretrained, final_dir)  # written beside it, swapped in whole
+    print(f"pipeline (EMA weights): {final_dir}")
+    if not config.push_to_hub:
+        return None
+    try:
+        url = pipe.push_to_hub(config.repo_id)
+    except Exception as err:  # offline, no connection, refused: the run is saved, say why and go on
+        return PushFailed.of(err, config.repo_id, final_dir)
+    print(f"pushed to the Hub: {url}")
+    return None
 
 
 def card_info(pipe: NanoDiTPipeline) -> dict | None:

@@ -1,4 +1,4 @@
-"""Go / no-go: every success and failure indicator of the seed, evaluated with its number.
+"""Go / no-go: every success and failure indicator of the validation plan, evaluated with its number.
 
 `write_report(run_dir, ...)` reads `checkpoints/training_log.jsonl`, every
 `validation/step*/results.json` and `timings.json` (where the run's time went), evaluates the indicators on the newest validation, adds them and
@@ -12,41 +12,12 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .config import Thresholds
 from .timings import read_timings, timings_table
+from .training_log import LogRecord, read_log
 
 PASS, FAIL, WARN, NA = "pass", "fail", "warn", "n/a"
 MARK = {PASS: "✅", FAIL: "❌", WARN: "⚠️", NA: "–"}
-
-
-@dataclass
-class Thresholds:
-    """The numbers the verdict uses. The defaults are the seed's (LPIPS < 0.2 memorised); the demo
-    preset sets its own, calibrated on the fault table (docs/validation.md)."""
-
-    # Which mean reconstruction distance decides: "lpips" (the seed's, where AlexNet's weights were
-    # at hand; ST-LPIPS otherwise) or "stlpips" (always computable offline).
-    decide_on: str = "lpips"
-    lpips_success: float = 0.2  # mean reconstruction LPIPS below: memorised
-    lpips_failure: float = 0.3  # above: failed
-    # ST-LPIPS is trained on the same human judgments (BAPPS) as LPIPS, on the same scale: the
-    # seed's numbers carry over until a run calibrates its own.
-    stlpips_success: float = 0.2
-    stlpips_failure: float = 0.3
-    psnr_success: float = 25.0  # dB; decides for validations recorded with no perceptual metric
-    psnr_failure: float = 20.0
-    loss_drop: float = 0.5  # the smoothed loss must end at most this fraction of where it started
-    loss_plateau: float = 0.9  # ending above this fraction is a plateau (or a rise)
-    grad_low: float = 0.1  # the seed's healthy gradient-norm range
-    grad_high: float = 10.0
-    grad_in_range_share: float = 0.9  # share of steps after warmup that must lie in the range
-    grad_explode: float = 100.0
-    grad_vanish: float = 0.01
-    min_sensitivity: float = 0.01  # LPIPS between outputs below: identical regardless of that condition
-    swap_share: float = 0.6  # share of DINO-swap outputs closer to B
-    followed_share: float = 0.6  # share of text edits the output follows (synthetic set)
-    min_std_ratio: float = 0.5  # output spread / data spread below: mean-gray or collapsed
-    # Model probes: relative change of the prediction below which a condition or σ makes no difference.
-    min_prediction_change: float = 0.01
 
 
 @dataclass
@@ -70,12 +41,17 @@ def _floor(t: Thresholds, distance: str) -> float:
 
 
 def evaluate(
-    records: list[dict], results: dict | None, t: Thresholds, warmup_steps: int, scheme: str, stopped: bool = False
+    records: list[LogRecord],
+    results: dict | None,
+    t: Thresholds,
+    warmup_steps: int,
+    scheme: str,
+    stopped: bool = False,
 ) -> list[Indicator]:
     """The indicators on the training log so far and one validation's `results` (None: the log's
     alone, e.g. for a run that stopped itself; `stopped` says it did)."""
     out = []
-    losses = [r["loss"] for r in records if not r.get("skipped")]
+    losses = [r.loss for r in records if not r.skipped]
     if len(losses) >= 20:
         curve = smooth(losses, max(len(losses) // 20, 5))
         start, end, low = curve[len(curve) // 20], curve[-1], min(curve)
@@ -89,7 +65,7 @@ def evaluate(
                 f"ends ≤ {t.loss_drop}× its start and near its lowest; ≥ {t.loss_plateau}× is a plateau or rise",
             )
         )
-    norms = [r["grad_norm"] for r in records if r["step"] > warmup_steps and r["grad_norm"] == r["grad_norm"]]
+    norms = [r.grad_norm for r in records if r.step > warmup_steps and r.grad_norm == r.grad_norm]
     if norms:
         share = sum(t.grad_low <= g <= t.grad_high for g in norms) / len(norms)
         out.append(
@@ -118,7 +94,7 @@ def evaluate(
                 f"≥ {t.grad_vanish:g}",
             )
         )
-    skipped = sum(bool(r.get("skipped")) for r in records)
+    skipped = sum(r.skipped for r in records)
     out.append(
         Indicator(
             "Finite steps",
@@ -134,7 +110,7 @@ def evaluate(
             "CFG dropout is the exclusive scheme (config)",
             PASS if scheme.startswith("exclusive") else FAIL,
             scheme,
-            "reads the recorded scheme only; the old independent-Bernoulli dropout is invalid (the seed's fix). "
+            "reads the recorded scheme only; the old independent-Bernoulli dropout is invalid (the validation plan's fix). "
             "Whether the model learned the null conditions: the probe above",
         )
     )
@@ -270,12 +246,6 @@ def verdict(indicators: list[Indicator]) -> tuple[str, list[str]]:
     return "NO-GO", failed
 
 
-def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def validations(run_dir: Path) -> list[tuple[int, Path, dict]]:
     found = []
     for path in sorted((run_dir / "validation").glob("step*/results.json")):
@@ -299,8 +269,8 @@ def write_report(
     run_dir = Path(run_dir)
     records = read_log(Path(log_path) if log_path else run_dir / "checkpoints" / "training_log.jsonl")
     history = validations(run_dir)
-    step, path, results = history[-1] if history else (records[-1]["step"] if records else 0, None, None)
-    seen = [r for r in records if r["step"] <= step]
+    step, path, results = history[-1] if history else (records[-1].step if records else 0, None, None)
+    seen = [r for r in records if r.step <= step]
     indicators = evaluate(seen, results, thresholds, warmup_steps, scheme, stopped=stopped)
     decision, reasons = verdict(indicators)
     summary = {"verdict": decision, "reasons": reasons, "indicators": [asdict(i) for i in indicators], "step": step}
@@ -343,7 +313,7 @@ def _markdown(step, folder: Path | None, run_dir: Path, results, indicators, dec
     rel, s, lp = folder.relative_to(run_dir), results["sampling"], results["lpips"]
     lines += [
         f"Sampling: {s['num_inference_steps']} Euler steps, dual CFG ({s['guidance_mode']}) text "
-        f"{s['text_guidance_scale']} / image {s['image_guidance_scale']}, seed {s['seed']}. "
+        f"{s['guidance_scale']} / image {s['image_guidance_scale']}, seed {s['seed']}. "
         + (f"ST-LPIPS: {results['stlpips']['weights']}. " if "stlpips" in results else "")
         + f"LPIPS: {lp['backbone'] if lp['available'] else 'unavailable — ' + lp['reason']}. "
         f'Distances for "closer to" and sensitivity: {results["distance"].upper()}. Ground truth: {results["ground_truth"]}.',
@@ -362,7 +332,7 @@ def _markdown(step, folder: Path | None, run_dir: Path, results, indicators, dec
     return "\n".join(lines)
 
 
-def plot_summary(records: list[dict], history: list[dict], path: Path, thresholds: Thresholds) -> None:
+def plot_summary(records: list[LogRecord], history: list[dict], path: Path, thresholds: Thresholds) -> None:
     """Loss (raw and smoothed), gradient norm, and the validation figures over the steps."""
     import matplotlib
 
@@ -370,8 +340,8 @@ def plot_summary(records: list[dict], history: list[dict], path: Path, threshold
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    steps = [r["step"] for r in records]
-    losses = [r["loss"] for r in records]
+    steps = [r.step for r in records]
+    losses = [r.loss for r in records]
     ax = axes[0][0]
     if records:
         ax.plot(steps, losses, lw=0.5, alpha=0.4, label="loss")
@@ -381,7 +351,7 @@ def plot_summary(records: list[dict], history: list[dict], path: Path, threshold
     ax.legend()
     ax = axes[0][1]
     if records:
-        ax.plot(steps, [r["grad_norm"] for r in records], lw=0.5)
+        ax.plot(steps, [r.grad_norm for r in records], lw=0.5)
         ax.axhspan(0.1, 10, color="green", alpha=0.08, label="[0.1, 10]")
         ax.set_yscale("log")
         ax.legend()

@@ -5,7 +5,7 @@ every object's size, colour, shape and position *and* the background ("a small r
 left and a large blue square at the bottom right, on a gradient background from white to light
 blue"), so the text alone determines the image and the text-only CFG mode has something to learn.
 
-The set is built for the seed's validation tests:
+The set is built for the validation plan's validation tests:
 - text manipulation: the edits ("left" ↔ "right", colour and shape swaps) name attributes that
   occur throughout the set, and the ground-truth layout (`<key>.json`) says where each object is,
   so an edit's effect can be measured;

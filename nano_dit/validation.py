@@ -1,4 +1,4 @@
-"""The seed's three validation tests, measured rather than only looked at.
+"""The validation plan's three validation tests, measured rather than only looked at.
 
     validation/step0001000/
       reconstruction/   every image regenerated from its own caption + DINOv3 embedding; sheet.png
@@ -12,7 +12,7 @@
 2. **DINO swap**: the distance of each swapped output to B and to A, the share of pairs closer to
    B, the share that moved toward B (closer to B than A's own output from the same noise was),
    and the sensitivity: the distance to A's own output.
-3. **Text manipulation**: the sensitivity (edited vs unedited output, same noise; the seed quotes
+3. **Text manipulation**: the sensitivity (edited vs unedited output, same noise; the validation plan quotes
    0.64 LPIPS for a broken run) and, where the data has a ground-truth layout (the synthetic set),
    whether the output follows the edit: the edited layout, drawn, is nearer the edited output than
    the unedited one (and whether it is nearer the edited layout than the original image).
@@ -39,6 +39,7 @@ torchvision downloads once: where they are neither cached nor reachable, the res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -51,49 +52,36 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checkpointing import checkpoint_name
+from .config import SamplingConfig, TrainConfig
 from .encoders import images_to_tensor
-from .feature_cache import CachedBucket
+from .feature_cache import CachedBucket, load_cache
 from .flow_matching import TIMESTEP_SCALE, add_noise
+from .hub import build_pipeline, card_figures, card_info, load_pipeline, recorded_figures, run_dir_of
 from .offline import network_attempt, unreachable
 from .perceptual import ShiftTolerantLPIPS
 from .pipelines import guidance_weights
+from .report import write_report
 from .sheets import contact_sheet
 from .synthetic import COLORS, POSITIONS, SHAPES, Layout, ShapeSpec, render
 from .timings import PhaseTimer, phase
+from .transformer_nano_dit import NanoDiTTransformer2DModel
 
 logger = logging.getLogger(__name__)
 
 TESTS = ("reconstruction", "dino_swap", "text_manip")
 
 
-@dataclass
-class SamplingConfig:
-    """How validation samples (the seed's: 50 Euler steps, text 3.0, image 2.0)."""
-
-    num_inference_steps: int = 50
-    text_guidance_scale: float = 3.0
-    image_guidance_scale: float = 2.0
-    guidance_mode: str = "nested"
-    seed: int = 0
-    batch_size: int = 50  # images per pipeline call (times the CFG branches through the transformer)
-    decode_batch_size: int = 8  # latents per VAE decode (a 512² decode is memory-hungry)
-    num_pairs: int = 5
-    num_edits: int = 5
-    mixed_precision: str | None = "no"  # "bf16" / "fp16": the transformer samples under autocast
-    compile: bool = False  # torch.compile the transformer in place (state-dict names unchanged)
-    compile_backend: str = "inductor"
+def compile_for_sampling(pipe, backend: str | None) -> None:
+    """Compile `pipe.transformer` in place once with dynamo `backend` (`nn.Module.compile`: its
+    `state_dict`, and so every saved file, keeps the plain names); None leaves it eager."""
+    if backend is not None and getattr(pipe.transformer, "_compiled_call_impl", None) is None:
+        pipe.transformer.compile(backend=backend)
 
 
-def prepare_for_sampling(pipe, sampling: SamplingConfig) -> None:
-    """Compile `pipe.transformer` in place once (`nn.Module.compile`: its `state_dict`, and so every
-    saved file, keeps the plain names), when `sampling.compile` asks for it."""
-    if sampling.compile and getattr(pipe.transformer, "_compiled_call_impl", None) is None:
-        pipe.transformer.compile(backend=sampling.compile_backend)
-
-
-def _autocast(pipe, sampling: SamplingConfig):
+def _autocast(pipe, mixed_precision: str | None):
     """Autocast as the run trained, on any device: a CPU run in bf16 samples as a GPU one does."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(sampling.mixed_precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     return torch.autocast(pipe.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
@@ -313,8 +301,11 @@ def _edit_layout(layout: Layout, kind: str) -> Layout | None:
 # Running the tests
 # --------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, text=None, image_rows=None):
-    """Images `(len(rows), 3, H, W)` in [0, 1] for samples `rows` of `bucket`, batched.
+def generate(
+    pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, precision=None, text=None, image_rows=None
+):
+    """Images `(len(rows), 3, H, W)` in [0, 1] for samples `rows` of `bucket`, batched, sampled
+    under autocast in `precision` ("bf16", "fp16"; None or "no": none).
 
     `text`: (embeds, mask) to use instead of the rows' cached captions; `image_rows`: whose DINOv3
     embedding each row takes (default: its own). `noise` holds each sample's starting noise.
@@ -328,7 +319,7 @@ def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, 
             embeds, mask = bucket.text_embeds[r], bucket.text_mask[r]
         else:
             embeds, mask = text[0][s : s + len(r)], text[1][s : s + len(r)]
-        with phase("sampling"), _autocast(pipe, sampling):
+        with phase("sampling"), _autocast(pipe, precision):
             images = pipe(
                 prompt_embeds=embeds,
                 prompt_attention_mask=mask,
@@ -337,7 +328,7 @@ def generate(pipe, bucket: CachedBucket, rows, noise, sampling: SamplingConfig, 
                 height=noise.shape[-2] * pipe.vae_scale_factor,  # the bucket's size, not the default
                 width=noise.shape[-1] * pipe.vae_scale_factor,
                 num_inference_steps=sampling.num_inference_steps,
-                guidance_scale=sampling.text_guidance_scale,
+                guidance_scale=sampling.guidance_scale,
                 image_guidance_scale=sampling.image_guidance_scale,
                 guidance_mode=sampling.guidance_mode,
                 output_type="latent",
@@ -367,27 +358,38 @@ def run_validation(
     sampling: SamplingConfig,
     step: int,
     info: dict | None = None,
+    *,
+    seed: int = 0,
+    mixed_precision: str | None = None,
 ) -> dict:
     """Run the three tests with `pipe` on the cached `buckets`; write images, sheets and results.json
     (with `info`, e.g. the checkpoint and its CFG-dropout scheme, at the top, and the seconds spent
-    sampling, decoding, on metrics and writing images under "timings")."""
+    sampling, decoding, on metrics and writing images under "timings").
+
+    `seed` seeds each sample's starting noise; `mixed_precision` ("bf16", "fp16", "no" or None) is
+    the autocast the transformer samples under, as the run trained. Decoding and metrics run in fp32.
+    """
     start = time.perf_counter()
     with PhaseTimer(pipe.device) as timer:
-        results = _run_tests(pipe, buckets, Path(out_dir), metrics, sampling, step, info)
+        results = _run_tests(pipe, buckets, Path(out_dir), metrics, sampling, step, info, seed, mixed_precision)
     results["timings"] = {"seconds": round(time.perf_counter() - start, 3), "phases": timer.as_dict()}
     (Path(out_dir) / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
-def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info: dict | None) -> dict:
+def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info: dict | None, seed, precision) -> dict:
     for name in TESTS:
         (out_dir / name).mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    prepare_for_sampling(pipe, sampling)
     results = {
         "step": step,
         **(info or {}),
-        "sampling": asdict(sampling),
+        "sampling": {
+            **asdict(sampling),
+            "seed": seed,
+            "mixed_precision": precision,
+            "compiled": getattr(pipe.transformer, "_compiled_call_impl", None) is not None,
+        },
         "stlpips": {"available": True, "weights": "stlpips-pytorch, vST0.0 AlexNet (pretrained)"},
         "lpips": metrics.describe,
         "distance": metrics.distance_name,
@@ -397,11 +399,11 @@ def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info:
     per_image = []
     for b, bucket in enumerate(buckets):
         noise = torch.randn(
-            (len(bucket), *bucket.latents.shape[1:]), generator=torch.Generator().manual_seed(sampling.seed + b)
+            (len(bucket), *bucket.latents.shape[1:]), generator=torch.Generator().manual_seed(seed + b)
         )
         noise_of[b] = noise
         truth[b] = decode(pipe, bucket.latents, sampling.decode_batch_size)
-        recon[b] = generate(pipe, bucket, range(len(bucket)), noise, sampling)
+        recon[b] = generate(pipe, bucket, range(len(bucket)), noise, sampling, precision)
         figures = metrics.compare(recon[b], truth[b])
         for i, key in enumerate(bucket.keys):
             per_image.append({"key": key, **{k: (v[i] if v is not None else None) for k, v in figures.items()}})
@@ -411,12 +413,14 @@ def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info:
 
     main = max(range(len(buckets)), key=lambda b: len(buckets[b]))  # swap and edits: the largest bucket
     results["dino_swap"] = _dino_swap(
-        pipe, buckets[main], recon[main], truth[main], noise_of[main], metrics, sampling, out_dir
+        pipe, buckets[main], recon[main], truth[main], noise_of[main], metrics, sampling, precision, out_dir
     )
     results["text_manip"] = _text_manip(
-        pipe, buckets[main], recon[main], truth[main], noise_of[main], metrics, sampling, out_dir
+        pipe, buckets[main], recon[main], truth[main], noise_of[main], metrics, sampling, precision, out_dir
     )
-    results["model_probes"] = _model_probes(pipe, buckets[main], recon[main], noise_of[main], metrics, sampling)
+    results["model_probes"] = _model_probes(
+        pipe, buckets[main], recon[main], noise_of[main], metrics, sampling, precision
+    )
     return results
 
 
@@ -426,7 +430,7 @@ GUIDANCE_SAMPLES = 4  # unguided samples drawn to compare with the guided ones
 UNGUIDED = guidance_weights("nested", 1.0, 1.0)  # the both-conditions branch alone
 
 
-def _model_probes(pipe, bucket, recon, noise, metrics, sampling) -> dict:
+def _model_probes(pipe, bucket, recon, noise, metrics, sampling, precision) -> dict:
     """The null-condition and noise-level probes (module docstring): relative differences
     ||a − b|| / ||a|| of predictions, averaged over samples and σ, and the distance of guided to
     unguided samples."""
@@ -447,7 +451,7 @@ def _model_probes(pipe, bucket, recon, noise, metrics, sampling) -> dict:
     def relative(a, b):  # (B,) per sample
         return (a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp(min=1e-8)
 
-    with torch.inference_mode(), phase("sampling"), _autocast(pipe, sampling):
+    with torch.inference_mode(), phase("sampling"), _autocast(pipe, precision):
         null_gap = []
         for sigma in PROBE_SIGMAS:
             x_t = add_noise(x0, eps, torch.full((len(rows),), sigma, device=device))
@@ -456,11 +460,13 @@ def _model_probes(pipe, bucket, recon, noise, metrics, sampling) -> dict:
         x_t = add_noise(x0, eps, torch.full((len(rows),), 0.5, device=device))
         sigma_gap = relative(velocity(x_t, 0.25), velocity(x_t, 0.75))
     guided_vs_unguided = None
-    guided = guidance_weights(sampling.guidance_mode, sampling.text_guidance_scale, sampling.image_guidance_scale)
+    guided = guidance_weights(sampling.guidance_mode, sampling.guidance_scale, sampling.image_guidance_scale)
     if guided != UNGUIDED:  # (sampling that is the conditional branch alone has nothing to compare)
         g = rows[:GUIDANCE_SAMPLES]
-        plain = replace(sampling, text_guidance_scale=1.0, image_guidance_scale=1.0, guidance_mode="nested")
-        guided_vs_unguided = metrics.distance(recon[g], generate(pipe, bucket, g, noise, plain)).mean().item()
+        plain = replace(sampling, guidance_scale=1.0, image_guidance_scale=1.0, guidance_mode="nested")
+        guided_vs_unguided = (
+            metrics.distance(recon[g], generate(pipe, bucket, g, noise, plain, precision)).mean().item()
+        )
     return {
         "samples": len(rows),
         "sigmas": list(PROBE_SIGMAS),
@@ -490,12 +496,12 @@ def _reconstruction_summary(per_image: list[dict], recon: dict, truth: dict) -> 
     }
 
 
-def _dino_swap(pipe, bucket, recon, truth, noise, metrics, sampling, out_dir) -> dict:
+def _dino_swap(pipe, bucket, recon, truth, noise, metrics, sampling, precision, out_dir) -> dict:
     pairs = swap_pairs(bucket, sampling.num_pairs)
     if not pairs:
         return {"skipped": "fewer than two samples"}
     a, b = [p[0] for p in pairs], [p[1] for p in pairs]
-    swapped = generate(pipe, bucket, a, noise, sampling, image_rows=b)  # A's caption and noise, B's DINOv3
+    swapped = generate(pipe, bucket, a, noise, sampling, precision, image_rows=b)  # A's caption and noise, B's DINOv3
     to_a, to_b = metrics.distance(swapped, truth[a]), metrics.distance(swapped, truth[b])
     own_to_b = metrics.distance(recon[a], truth[b])  # where A's own output stood
     sensitivity = metrics.distance(swapped, recon[a])
@@ -529,7 +535,7 @@ def _dino_swap(pipe, bucket, recon, truth, noise, metrics, sampling, out_dir) ->
     }
 
 
-def _text_manip(pipe, bucket, recon, truth, noise, metrics, sampling, out_dir) -> dict:
+def _text_manip(pipe, bucket, recon, truth, noise, metrics, sampling, precision, out_dir) -> dict:
     edits = caption_edits(bucket, sampling.num_edits)
     if not edits:
         return {"skipped": "no caption has a word the edit rules change"}
@@ -537,7 +543,7 @@ def _text_manip(pipe, bucket, recon, truth, noise, metrics, sampling, out_dir) -
         return {"skipped": "the pipeline has no text encoder to encode the edited captions"}
     rows = [e.index for e in edits]
     embeds, mask = pipe.encode_prompt([e.edited for e in edits])
-    edited = generate(pipe, bucket, rows, noise, sampling, text=(embeds.cpu(), mask.cpu()))
+    edited = generate(pipe, bucket, rows, noise, sampling, precision, text=(embeds.cpu(), mask.cpu()))
     sensitivity = metrics.distance(edited, recon[rows])
     records, cells, captions = [], [], []
     for n, e in enumerate(edits):
@@ -597,8 +603,87 @@ def _reconstruction_sheet(buckets, recon, truth, path: Path, limit: int = 50) ->
 
 
 # --------------------------------------------------------------------------------------------
-# Standalone: `nano-dit validate --checkpoint PATH`
+# During training: the Validator. Standalone: `nano-dit validate --checkpoint PATH`
 # --------------------------------------------------------------------------------------------
+class Validator:
+    """The three tests on a run's EMA weights (main process; the others wait), then RESULTS.md.
+
+    The validation pipeline (its own transformer, the encoders the run used, LPIPS) is built at the
+    first validation and kept; at the end it holds the final EMA weights and is what ships.
+    """
+
+    def __init__(self, config: TrainConfig, buckets, scheme: str, stand_in: bool, accelerator, ema, log_path, timings):
+        self.config, self.buckets, self.scheme, self.stand_in = config, buckets, scheme, stand_in
+        self.accelerator, self.ema, self.log_path, self.timings = accelerator, ema, log_path, timings
+        self.pipe, self.metrics, self.last, self.folder = None, None, {}, None
+
+    def __call__(self, step: int) -> None:
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):  # training's random numbers stay as they were
+                self._validate(step)
+        accelerator.wait_for_everyone()
+
+    def _validate(self, step: int) -> None:
+        config, start = self.config, time.perf_counter()
+        if self.metrics is None:  # the first validation loads the encoders and the metrics' networks
+            self.pipe = self.pipeline().to(self.accelerator.device)
+            self.metrics = ImageMetrics(self.accelerator.device, config.lpips_backbone)
+            compile_for_sampling(self.pipe, config.compile_backend if config.compile else None)
+        self.ema.copy_to(self.pipe.transformer.parameters())
+        setup = time.perf_counter() - start
+        self.folder = Path(config.output_dir) / "validation" / f"step{step:07d}"
+        info = {"checkpoint": f"EMA weights at step {step}", "cfg_dropout_scheme": self.scheme}
+        results = run_validation(
+            self.pipe, self.buckets, self.folder, self.metrics, config.sampling, step, info,
+            seed=config.seed, mixed_precision=config.mixed_precision,
+        )  # fmt: skip
+        self.timings.note_validation(
+            step, time.perf_counter() - start, {"setup": round(setup, 3), **results["timings"]["phases"]}
+        )
+        self.timings.save()
+        summary = self.report()
+        self.last = {**results, **summary}
+        self.accelerator.log(card_figures(self.last), step=step)
+        reasons = "; ".join(summary["reasons"][:3])
+        self.accelerator.print(
+            f"validation at step {step}: {summary['verdict']}{' — ' + reasons if reasons else ''} "
+            f"(see {Path(config.output_dir) / 'RESULTS.md'})"
+        )
+
+    def pipeline(self):
+        """The shipped pipeline: the run's encoders and a transformer holding the EMA weights
+        (the one validation sampled with, when a validation ran)."""
+        if self.pipe is None:
+            self.pipe = build_pipeline(NanoDiTTransformer2DModel(**self.config.model), self.config.encoder_spec())
+        self.ema.copy_to(self.pipe.transformer.parameters())
+        return self.pipe
+
+    def report(self, stopped: bool = False) -> dict:
+        """RESULTS.md from the newest validation and the training log; `stopped`: the run stopped itself."""
+        config = self.config
+        return write_report(
+            config.output_dir,
+            config.thresholds(),
+            config.warmup_steps,
+            scheme=self.scheme,
+            log_path=self.log_path,
+            stand_in=self.stand_in,
+            stopped=stopped,
+        )
+
+    def figures(self) -> tuple[dict, Image.Image | None]:
+        """The last validation's headline figures and reconstruction sheet, for the model card; a run
+        resumed with no step left has the ones recorded beside its last checkpoint."""
+        sheet = self.folder / "reconstruction" / "sheet.png" if self.folder else None
+        figures, sheet = card_figures(self.last), Image.open(sheet) if sheet and sheet.exists() else None
+        last = Path(self.config.checkpoints) / checkpoint_name(self.config.total_steps)
+        if not figures and last.exists():
+            figures, sheet = recorded_figures(last, self.config.total_steps, self.config.output_dir)
+        return figures, sheet
+
+
 def validate_checkpoint(
     checkpoint: str | Path,
     cache: str | None = None,
@@ -608,14 +693,10 @@ def validate_checkpoint(
     overrides: dict | None = None,
 ) -> dict:
     """Validate a training checkpoint (its EMA weights) or a pipeline folder made by a run; write
-    `<run>/validation/stepNNNNNNN/` and `<run>/RESULTS.md`. Returns the verdict summary."""
-    import dataclasses
+    `<run>/validation/stepNNNNNNN/` and `<run>/RESULTS.md`. Returns the verdict summary.
 
-    from .feature_cache import load_cache
-    from .hub import card_info, load_pipeline, run_dir_of
-    from .report import write_report
-    from .training import TrainConfig
-
+    `overrides`: sampling settings (`SamplingConfig` fields) and `compile` / `mixed_precision`,
+    in place of the run's."""
     checkpoint = Path(checkpoint)
     pipe = load_pipeline(checkpoint)
     info = card_info(pipe)
@@ -626,11 +707,16 @@ def validate_checkpoint(
         raise ValueError(
             f"{checkpoint} was trained with CFG-dropout scheme {scheme!r}, not the mutually exclusive one: "
             "its conditioning modes are mixed up, so dual-CFG validation of it means nothing "
-            "(the seed's fix: such checkpoints are invalid; retrain)"
+            "(the validation plan's fix: such checkpoints are invalid; retrain)"
         )
-    config = dataclasses.replace(TrainConfig.from_saved(info["config"], model=info["model"]), **(overrides or {}))
+    config = TrainConfig.from_saved(info["config"], model=info["model"])
+    overrides = dict(overrides or {})
+    run_level = {k: overrides.pop(k) for k in ("compile", "mixed_precision") if k in overrides}
+    config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **overrides), **run_level)
+    config.sampling.check()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.to(device)
+    compile_for_sampling(pipe, config.compile_backend if config.compile else None)
     _, buckets = load_cache(cache or config.cache)
     run_dir = Path(output_dir) if output_dir else run_dir_of(checkpoint)
     step = info["step"]
@@ -639,9 +725,11 @@ def validate_checkpoint(
         buckets,
         run_dir / "validation" / f"step{step:07d}",
         ImageMetrics(device, lpips_backbone),
-        config.sampling(),
+        config.sampling,
         step,
         {"checkpoint": str(checkpoint), "cfg_dropout_scheme": scheme},
+        seed=config.seed,
+        mixed_precision=config.mixed_precision,
     )
     summary = write_report(
         run_dir,

@@ -100,7 +100,7 @@ def broken(fault: str | None):
     fault as a forward pre-hook, in training and sampling alike; "bernoulli-cfg" makes every run
     draw the old independent dropout instead."""
     from nano_dit import NanoDiTTransformer2DModel
-    from nano_dit.training import TrainConfig
+    from nano_dit.config import TrainConfig
 
     if fault is not None and fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
@@ -164,7 +164,8 @@ def main() -> None:
 
 def rejudge(out: Path, config) -> dict:
     """A finished run's report written again with the preset's current thresholds."""
-    from nano_dit.report import read_log, write_report
+    from nano_dit.report import write_report
+    from nano_dit.training_log import read_log
 
     log = read_log(out / "checkpoints" / "training_log.jsonl")
     return write_report(
@@ -173,7 +174,7 @@ def rejudge(out: Path, config) -> dict:
         config.warmup_steps,
         scheme=config.cfg_dropout().scheme,
         stand_in=True,
-        stopped=log[-1]["step"] < config.total_steps,  # the log keeps every step up to a stop
+        stopped=log[-1].step < config.total_steps,  # the log keeps every step up to a stop
     )
 
 

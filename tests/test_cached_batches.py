@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from nano_dit.config import parse_config
+from nano_dit.data import CachedBatches, cache_fits_on_device
 from nano_dit.feature_cache import CachedBucket
-from nano_dit.training import CachedBatches, cache_fits_on_device, parse_config
 
 
 def _bucket(size: tuple[int, int], ids: range) -> CachedBucket:
@@ -70,4 +71,4 @@ def test_auto_keeps_the_cache_on_the_device_when_it_takes_a_quarter_of_free_memo
 def test_a_bad_cache_placement_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--cache-on-device", "sometimes"])
-    assert "--cache-on-device must be auto, yes or no, got 'sometimes'" in capsys.readouterr().err
+    assert "argument --cache-on-device: invalid choice: 'sometimes'" in capsys.readouterr().err

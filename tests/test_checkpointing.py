@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from nano_dit import checkpointing
 from nano_dit.checkpointing import check_resumable, list_checkpoints, resolve_resume
+from nano_dit.config import TrainConfig
+from nano_dit.flow_matching import FlowMatching
 
 train_nano_dit = load_train_script()
 
@@ -239,7 +241,7 @@ def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path, stand_in_dir):
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_step0000004"]
 
 
-class NaNAtSteps(train_nano_dit.FlowMatching):
+class NaNAtSteps(FlowMatching):
     """The real objective, whose loss turns NaN on the chosen calls (1-based)."""
 
     def __init__(self, bad_calls):
@@ -255,7 +257,7 @@ class NaNAtSteps(train_nano_dit.FlowMatching):
 
 
 def test_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, stand_in_dir, monkeypatch):
-    monkeypatch.setattr(train_nano_dit, "FlowMatching", lambda: NaNAtSteps({3}))
+    monkeypatch.setattr(TrainConfig, "objective", lambda config: NaNAtSteps({3}))
     train_nano_dit.main(_args(tmp_path, stand_in_dir, "run"))
     log = [json.loads(line) for line in (tmp_path / "run/checkpoints/training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("skipped")] == [3]
@@ -264,7 +266,7 @@ def test_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, stand_in_dir,
 
 
 def test_non_finite_steps_in_a_row_stop_the_run_with_a_message(tmp_path, stand_in_dir, monkeypatch):
-    monkeypatch.setattr(train_nano_dit, "FlowMatching", lambda: NaNAtSteps({"all"}))
+    monkeypatch.setattr(TrainConfig, "objective", lambda config: NaNAtSteps({"all"}))
     with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss or gradient .* Lower --peak-lr"):
         train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--max-bad-steps", "3"))
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == []  # nothing non-finite was saved
@@ -346,16 +348,16 @@ def test_gradient_accumulation_draws_that_many_micro_batches_per_step(tmp_path, 
 
 
 def test_out_of_memory_names_the_remedies_and_the_last_good_checkpoint(tmp_path, stand_in_dir, monkeypatch):
-    real_step = train_nano_dit.optimizer_step
-    calls = []
+    class OutOfMemoryAtStep5(FlowMatching):
+        calls = 0
 
-    def step_then_run_out(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(*args, **kwargs)
+        def loss(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 5:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_nano_dit, "optimizer_step", step_then_run_out)
+    monkeypatch.setattr(TrainConfig, "objective", lambda config: OutOfMemoryAtStep5())
     with pytest.raises(train_nano_dit.OutOfMemory) as info:
         train_nano_dit.main(_args(tmp_path, stand_in_dir, "run"))
     message = str(info.value)

@@ -45,7 +45,10 @@ def test_synth_preview_is_a_contact_sheet_of_the_first_images(tmp_path):
         (["data", "prepare", "src", "--max-aspect", "0"], "argument --max-aspect: must be a finite number > 0, got 0"),
         (["data", "prepare", "src", "--max-aspect", "nan"], "argument --max-aspect: must be a finite number > 0"),
         (["data", "prepare", "src", "--resolution", "abc"], "argument --resolution: must be an integer, got 'abc'"),
-        (["validate", "--checkpoint", "c", "--text-guidance-scale", "nan"], "must be a finite number >= 0, got nan"),
+        (
+            ["validate", "--checkpoint", "c", "--guidance-scale", "nan"],
+            "--guidance-scale must be a finite number >= 0, got nan",
+        ),
     ],
 )
 def test_subcommand_flags_are_checked_at_the_door(argv, message, tmp_path, capsys):

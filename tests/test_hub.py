@@ -15,8 +15,8 @@ from conftest import load_train_script
 from safetensors.torch import load_file, save_file
 
 from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
+from nano_dit.config import parse_config
 from nano_dit.hub import SAMPLE_GRID, card_info, export, load_pipeline
-from nano_dit.training import parse_config
 
 TOKEN = "hf_NotARealTokenButSecretAllTheSame"
 
@@ -55,7 +55,7 @@ def _train(tmp, stand_in_dir, *extra):
         *("--total-steps", "20", "--warmup-steps", "2", "--checkpoint-every", "10", "--log-every", "10"),
         *("--shards", str(tmp / "shards"), "--cache", str(tmp / "cache")),
         *("--stand-in-encoders", str(stand_in_dir), "--output-dir", str(tmp / "run")),
-        *("--validation-steps", "2", "--lpips-backbone", "random", *extra),
+        *("--num-inference-steps", "2", "--lpips-backbone", "random", *extra),
     ]
     return load_train_script().main(args)
 

@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel, flow_matching
 from nano_dit.cli import main as cli_main
+from nano_dit.config import parse_config
+from nano_dit.data import prepare_data
 from nano_dit.feature_cache import CACHE_DTYPE, load_cache
-from nano_dit.training import parse_config, prepare_feature_cache
 
 train_nano_dit = load_train_script()
 
@@ -46,7 +47,7 @@ def caches(tmp_path_factory, stand_in_dir):
             *("--num-images", "8", "--resolution", "32", "--stand-in-encoders", str(stand_in_dir), "--no-pixel-mode"),
         ]
     )
-    prepare_feature_cache(config)
+    prepare_data(config)
     shutil.copytree(root / "fp32", root / "bf16")
     for path in (root / "bf16").rglob("*.safetensors"):
         tensors = {k: t.bfloat16() if t.is_floating_point() else t for k, t in load_file(path).items()}
@@ -94,7 +95,7 @@ def _run_args(caches, cache: str, stand_in_dir, out, compiled: bool, *extra):
         *("--shards", str(caches["shards"]), "--cache", str(caches[cache]), "--output-dir", str(out)),
         *("--stand-in-encoders", str(stand_in_dir), "--no-pixel-mode", "--resolution", "32"),
         *("--batch-size", "4", "--warmup-steps", "1", "--checkpoint-every", "2", "--log-every", "1"),
-        *("--validation-steps", "2", "--lpips-backbone", "none"),
+        *("--num-inference-steps", "2", "--lpips-backbone", "none"),
         *(("--compile", "--compile-backend", "aot_eager") if compiled else ()),
         *extra,
     ]
@@ -175,7 +176,9 @@ def test_nano_dit_validate_reads_a_bf16_cache(caches, stand_in_dir, tmp_path, fr
     run = tmp_path / "run"
     _two_steps(caches, stand_in_dir, run, "--mixed-precision", "bf16")
     checkpoint = run / "checkpoints" / "checkpoint_step0000002"
-    cli_main(["validate", "--checkpoint", str(checkpoint), "--cache", str(caches["bf16"]), "--steps", "2"])
+    cli_main(
+        ["validate", "--checkpoint", str(checkpoint), "--cache", str(caches["bf16"]), "--num-inference-steps", "2"]
+    )
     results = json.loads((run / "validation" / "step0000002" / "results.json").read_text())
     assert results["sampling"]["mixed_precision"] == "bf16"  # as the run trained
     assert torch.isfinite(torch.tensor(results["reconstruction"]["mean_stlpips"]))

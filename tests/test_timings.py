@@ -5,7 +5,8 @@ import time
 
 import torch
 
-from nano_dit.report import Thresholds, write_report
+from nano_dit.config import Thresholds
+from nano_dit.report import write_report
 from nano_dit.timings import PhaseTimer, RunTimings, phase, read_timings, timings_table
 
 

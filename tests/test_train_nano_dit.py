@@ -8,7 +8,7 @@ import torch
 from conftest import load_train_script
 
 from nano_dit import NanoDiTPipeline
-from nano_dit.training import parse_config
+from nano_dit.config import parse_config
 
 train_nano_dit = load_train_script()
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ def _demo_args(tmp_path, stand_in_dir, *extra):
         *("--num-images", "8", "--resolution", "16", "--batch-size", "8", "--warmup-steps", "20"),
         *("--shards", str(tmp_path / "shards"), "--cache", str(tmp_path / "cache")),
         *("--stand-in-encoders", str(stand_in_dir), "--output-dir", str(tmp_path / "run")),
-        *("--lpips-backbone", "random", "--validation-steps", "10"),
+        *("--lpips-backbone", "random", "--num-inference-steps", "10"),
         *extra,
     ]
 
@@ -57,9 +57,9 @@ def test_demo_training_learns_and_saves_a_loadable_pipeline(tmp_path, stand_in_d
         (["--grad-clip", "nan"], r"--grad-clip must be a finite number > 0, got nan"),
         (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\), got -1"),
         (["--checkpoints-total-limit", "0"], r"--checkpoints-total-limit must be > 0 .*got 0"),
-        (["--text-guidance-scale", "nan"], r"--text-guidance-scale must be a finite number >= 0, got nan"),
+        (["--guidance-scale", "nan"], r"--guidance-scale must be a finite number >= 0, got nan"),
         (["--image-guidance-scale", "inf"], r"--image-guidance-scale must be a finite number >= 0, got inf"),
-        (["--mixed-precision", "fp8x"], r"--mixed-precision must be one of .*got 'fp8x'"),
+        (["--mixed-precision", "fp8x"], r"argument --mixed-precision: invalid choice: 'fp8x'"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):
@@ -104,14 +104,69 @@ def test_a_yaml_config_sits_between_the_preset_and_the_flags(tmp_path, capsys):
     assert "unknown settings ['batch_sise']" in capsys.readouterr().err
 
 
-def test_every_flag_is_explained_by_its_field_comment():
+def test_every_flag_is_explained_by_its_field_and_help_shows_it(capsys):
+    from nano_dit.config import flag_fields
+
+    fields = flag_fields()
+    assert all(f.metadata["help"] for f in fields)
+    assert {"guidance_scale", "num_inference_steps", "weighting_scheme"} <= {f.name for f in fields}
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "--max-bad-steps MAX_BAD_STEPS steps in a row with a non-finite loss" in text
+    assert "--guidance-mode {independent,nested}" in text
+
+
+def test_the_sampling_defaults_are_the_pipelines_own():
+    import inspect
+
+    from nano_dit import NanoDiTPipeline
+    from nano_dit.config import SamplingConfig, TrainConfig
+
+    call = inspect.signature(NanoDiTPipeline.__call__).parameters
+    sampling = TrainConfig().sampling
+    for name in ("num_inference_steps", "guidance_scale", "image_guidance_scale", "guidance_mode"):
+        assert getattr(sampling, name) == call[name].default, name
+    assert SamplingConfig.__dataclass_fields__["guidance_mode"].metadata["choices"] == ("independent", "nested")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()  # its example shows the defaults
+    assert f"guidance_scale={sampling.guidance_scale},  # text" in readme
+    assert f"image_guidance_scale={sampling.image_guidance_scale}," in readme
+
+
+def test_renamed_flags_keep_their_old_spelling_with_a_deprecation(tmp_path):
+    with pytest.warns(FutureWarning, match="--text-guidance-scale is deprecated: use --guidance-scale"):
+        config = parse_config(["--text-guidance-scale", "2.5", "--validation-steps", "7"])
+    assert (config.sampling.guidance_scale, config.sampling.num_inference_steps) == (2.5, 7)
+    (tmp_path / "old.yaml").write_text("text_guidance_scale: 1.5\n")
+    with pytest.warns(FutureWarning, match="text_guidance_scale is deprecated: use guidance_scale"):
+        assert parse_config(["--config", str(tmp_path / "old.yaml")]).sampling.guidance_scale == 1.5
+
+
+def test_a_config_saved_flat_by_an_earlier_version_reads_back_nested():
+    from nano_dit.config import TrainConfig
+
+    old = {"preset": "demo", "batch_size": 4, "validation_steps": 9, "text_guidance_scale": 1.5, "retired": 1}
+    config = TrainConfig.from_saved(old)
+    assert (config.batch_size, config.sampling.num_inference_steps, config.sampling.guidance_scale) == (4, 9, 1.5)
+    assert config.sampling.batch_size == 50  # the trainer's batch size is not the sampler's
     import dataclasses
 
-    from nano_dit.training import TrainConfig, _field_comments
+    assert TrainConfig.from_saved(dataclasses.asdict(config)) == config
 
-    comments = _field_comments(TrainConfig)
-    assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(comments)
-    assert comments["max_bad_steps"].startswith("steps in a row with a non-finite loss")
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--guidance-mode", "both"], "argument --guidance-mode: invalid choice: 'both'"),
+        (["--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0, got -1.0"),
+        (["--num-inference-steps", "0"], "--num-inference-steps must be > 0, got 0"),
+        (["--shift", "0"], "--weighting-scheme / --logit-std / --shift: shift must be > 0"),
+    ],
+)
+def test_sampling_and_objective_flags_are_checked_at_the_door(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_config(flags)
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_a_cpu_run_uses_the_cores_unless_told(tmp_path, stand_in_dir, monkeypatch):

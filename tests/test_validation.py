@@ -14,15 +14,16 @@ from conftest import load_script, load_train_script, randomize_
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
+from nano_dit.config import SamplingConfig, Thresholds
 from nano_dit.feature_cache import CachedBucket
-from nano_dit.report import FAIL, NA, PASS, WARN, Thresholds, evaluate, verdict
+from nano_dit.report import FAIL, NA, PASS, WARN, evaluate, verdict
 from nano_dit.synthetic import COLORS, SHAPES, synthetic_samples
+from nano_dit.training_log import LogRecord
 from nano_dit.validation import (
     ImageMetrics,
-    SamplingConfig,
     caption_edits,
+    compile_for_sampling,
     generate,
-    prepare_for_sampling,
     run_validation,
     swap_pairs,
 )
@@ -90,7 +91,7 @@ def test_image_metrics_on_identical_and_different_images():
 
 
 def _records(losses, norms):
-    return [{"step": i + 1, "loss": x, "grad_norm": g} for i, (x, g) in enumerate(zip(losses, norms))]
+    return [LogRecord(i + 1, x, g, 1e-3, 0.99, 1.0, 0.0) for i, (x, g) in enumerate(zip(losses, norms))]
 
 
 def _results(**changes):
@@ -214,7 +215,7 @@ def test_the_old_cfg_scheme_is_a_no_go():
 
 def test_a_run_that_stopped_itself_is_judged_on_its_log():
     records = HEALTHY[:100] + [
-        {"step": 101 + i, "loss": float("nan"), "grad_norm": float("inf"), "skipped": True} for i in range(10)
+        LogRecord(101 + i, float("nan"), float("inf"), 1e-3, 0.99, 1.0, 0.0, skipped=True) for i in range(10)
     ]
     indicators = {i.name: i.status for i in evaluate(records, None, Thresholds(), 10, EXCLUSIVE, stopped=True)}
     assert indicators["Finite steps"] == FAIL and indicators["No gradient explosion (> 100)"] == FAIL
@@ -229,7 +230,7 @@ def _run(tmp_path, stand_in_dir, *extra):
     args = [
         *("--num-images", "12", "--resolution", "16", "--batch-size", "4", "--warmup-steps", "2"),
         *("--total-steps", "20", "--checkpoint-every", "10", "--validation-every", "10", "--log-every", "5"),
-        *("--validation-steps", "3", "--lpips-backbone", "random"),
+        *("--num-inference-steps", "3", "--lpips-backbone", "random"),
         *("--shards", str(tmp_path / "shards"), "--cache", str(tmp_path / "cache")),
         *("--stand-in-encoders", str(stand_in_dir), "--output-dir", str(tmp_path / "run"), *extra),
     ]
@@ -310,7 +311,7 @@ def test_the_validate_command_on_a_checkpoint(tmp_path, stand_in_dir, capsys):
     assert not list((tmp_path / "run" / "validation").glob("step*"))
     assert "No validation ran" in (tmp_path / "run" / "RESULTS.md").read_text()  # the log's report, and timings
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint_step0000010"
-    main(["validate", "--checkpoint", str(checkpoint), "--steps", "2", "--lpips-backbone", "random"])
+    main(["validate", "--checkpoint", str(checkpoint), "--num-inference-steps", "2", "--lpips-backbone", "random"])
     assert "RESULTS.md" in capsys.readouterr().out
     results = json.loads((tmp_path / "run" / "validation" / "step0000010" / "results.json").read_text())
     assert results["sampling"]["num_inference_steps"] == 2 and results["checkpoint"] == str(checkpoint)
@@ -397,9 +398,9 @@ def test_compiled_validation_sampling_matches_the_plain_one(tiny_config):
         graphs.append(gm)
         return gm.forward
 
-    sampling = SamplingConfig(num_inference_steps=3, batch_size=4, compile=True, compile_backend=backend)
-    prepare_for_sampling(pipe, sampling)
-    prepare_for_sampling(pipe, sampling)  # once only
+    sampling = SamplingConfig(num_inference_steps=3, batch_size=4)
+    compile_for_sampling(pipe, backend)
+    compile_for_sampling(pipe, backend)  # once only
     compiled = generate(pipe, bucket, range(4), noise, sampling)
     assert len(graphs) == 1  # the whole transformer forward is one graph: no breaks
     assert torch.allclose(compiled, plain, atol=1e-5)
@@ -418,7 +419,7 @@ def test_an_exported_step_checkpoint_carries_the_figures_of_its_validation(tmp_p
     export(checkpoint, tmp_path / "before")
     assert "Not validated yet" in (tmp_path / "before" / "README.md").read_text()
 
-    main(["validate", "--checkpoint", str(checkpoint), "--steps", "2", "--lpips-backbone", "random"])
+    main(["validate", "--checkpoint", str(checkpoint), "--num-inference-steps", "2", "--lpips-backbone", "random"])
     export(checkpoint, tmp_path / "after")
     results = json.loads((tmp_path / "run" / "validation" / "step0000010" / "results.json").read_text())
     figures = card_info(NanoDiTPipeline.from_pretrained(tmp_path / "after"))["results"]
@@ -447,7 +448,7 @@ def test_a_resumed_run_with_no_step_left_keeps_its_validated_card(tmp_path, stan
 
 def test_the_fault_harness_leaves_the_package_as_it_was(tiny_config):
     """The faults live in scripts/validation_power.py; outside `broken(...)` every model is whole."""
-    from nano_dit.training import TrainConfig
+    from nano_dit.config import TrainConfig
 
     harness = load_script("validation_power")
     inputs = dict(

@@ -1,0 +1,441 @@
+"""Every setting of a run, declared once: `TrainConfig` (with the validation sampling settings
+nested in it as `SamplingConfig`), the `PRESETS` table, the verdict's `Thresholds`, and the
+command-line parsing that mirrors them.
+
+Each field's help text lives in its metadata (`setting(...)`); `--help`, `check()` and the YAML
+reader all read it from there. This module sits at the bottom of the package: it imports the
+small modules that define a setting's allowed values and nothing that trains, samples or reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cfg_dropout import CFGDropout
+from .encoders import EncoderSpec
+from .flow_matching import WEIGHTING_SCHEMES, FlowMatching
+from .pipelines.pipeline_nano_dit import (
+    DEFAULT_GUIDANCE_MODE,
+    DEFAULT_GUIDANCE_SCALE,
+    DEFAULT_IMAGE_GUIDANCE_SCALE,
+    DEFAULT_NUM_INFERENCE_STEPS,
+    GUIDANCE_MODES,
+    MAX_SEQUENCE_LENGTH,
+)
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LPIPS_BACKBONES = ("pretrained", "random", "none")
+
+
+def setting(default=dataclasses.MISSING, help: str = "", *, choices=None, flag: bool = True, factory=None):
+    """A dataclass field with its help text (and allowed values) in its metadata: the one place a
+    setting is explained. `flag=False`: settable in code and YAML only."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation sampling
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SamplingConfig:
+    """How validation samples: the validation plan's Euler steps and dual-CFG scales. The defaults
+    are the pipeline's own."""
+
+    num_inference_steps: int = setting(DEFAULT_NUM_INFERENCE_STEPS, "Euler steps per validation sample")
+    guidance_scale: float = setting(DEFAULT_GUIDANCE_SCALE, "dual-CFG text scale s_t for validation")
+    image_guidance_scale: float = setting(DEFAULT_IMAGE_GUIDANCE_SCALE, "dual-CFG image scale s_i for validation")
+    guidance_mode: str = setting(
+        DEFAULT_GUIDANCE_MODE,
+        "dual-CFG formula: nested (measured better on the demo) or independent (the validation plan's)",
+        choices=GUIDANCE_MODES,
+    )
+    batch_size: int = setting(50, "images per pipeline call (times the CFG branches)", flag=False)
+    decode_batch_size: int = setting(8, "latents per VAE decode (a 512² decode is memory-hungry)", flag=False)
+    num_pairs: int = setting(5, "DINO-swap pairs", flag=False)
+    num_edits: int = setting(5, "text-manipulation edits", flag=False)
+
+    def check(self) -> None:
+        for name in ("num_inference_steps", "batch_size", "decode_batch_size", "num_pairs", "num_edits"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("guidance_scale", "image_guidance_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value}")
+        _check_choices(self)
+
+
+# --------------------------------------------------------------------------------------------
+# The verdict's numbers
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Thresholds:
+    """The numbers the verdict uses. The defaults are the validation plan's (LPIPS < 0.2
+    memorised); the demo preset sets its own, calibrated on the fault table (docs/validation.md)."""
+
+    # Which mean reconstruction distance decides: "lpips" (the plan's, where AlexNet's weights were
+    # at hand; ST-LPIPS otherwise) or "stlpips" (always computable offline).
+    decide_on: str = "lpips"
+    lpips_success: float = 0.2  # mean reconstruction LPIPS below: memorised
+    lpips_failure: float = 0.3  # above: failed
+    # ST-LPIPS is trained on the same human judgments (BAPPS) as LPIPS, on the same scale: the
+    # plan's numbers carry over until a run calibrates its own.
+    stlpips_success: float = 0.2
+    stlpips_failure: float = 0.3
+    psnr_success: float = 25.0  # dB; decides for validations recorded with no perceptual metric
+    psnr_failure: float = 20.0
+    loss_drop: float = 0.5  # the smoothed loss must end at most this fraction of where it started
+    loss_plateau: float = 0.9  # ending above this fraction is a plateau (or a rise)
+    grad_low: float = 0.1  # the plan's healthy gradient-norm range
+    grad_high: float = 10.0
+    grad_in_range_share: float = 0.9  # share of steps after warmup that must lie in the range
+    grad_explode: float = 100.0
+    grad_vanish: float = 0.01
+    min_sensitivity: float = 0.01  # LPIPS between outputs below: identical regardless of that condition
+    swap_share: float = 0.6  # share of DINO-swap outputs closer to B
+    followed_share: float = 0.6  # share of text edits the output follows (synthetic set)
+    min_std_ratio: float = 0.5  # output spread / data spread below: mean-gray or collapsed
+    # Model probes: relative change of the prediction below which a condition or σ makes no difference.
+    min_prediction_change: float = 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: the one table of model sizes and run lengths
+# --------------------------------------------------------------------------------------------
+PRESETS: dict[str, dict] = {
+    # The validation plan's run: 100 images at 512², Flux VAE latents, real encoders, one 24 GB GPU.
+    "nano": {
+        "model": {"num_layers": 12, "hidden_size": 384, "num_attention_heads": 6, "patch_size": 2},
+        "train": {
+            "total_steps": 5000,
+            "batch_size": 8,
+            "warmup_steps": 500,
+            "resolution": 512,
+            "shards": "data/shards/100",
+            "cache": "data/cache/100",
+            "output_dir": "runs/nano",
+        },
+    },
+    # A machine with no GPU and no Hub: the synthetic set in pixel mode at 32², stand-in encoders,
+    # a model small enough to memorise it in a couple of minutes on 2 CPU cores.
+    "demo": {
+        "model": {"num_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "patch_size": 4},
+        "train": {
+            "total_steps": 1500,
+            "batch_size": 32,
+            "peak_lr": 1e-3,
+            "warmup_steps": 50,
+            "resolution": 32,
+            "shards": "data/shards/demo",
+            "cache": "data/cache/demo",
+            "stand_in_encoders": "data/encoders/tiny",
+            "pixel_mode": True,
+            "synth_if_missing": True,
+            "checkpoint_every": 750,
+            "validation_every": 750,
+            "output_dir": "runs/demo",
+        },
+        # ST-LPIPS decides (its weights come with its wheel; LPIPS's AlexNet may not be at hand
+        # offline). The numbers are set by the fault table (docs/validation.md, `scripts/validation_power.py`):
+        # the good run passes, each broken run fails something.
+        "thresholds": {"decide_on": "stlpips", "stlpips_success": 0.25, "stlpips_failure": 0.35},
+    },
+}
+
+_ENCODERS = EncoderSpec()
+_OBJECTIVE = FlowMatching()
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Everything a run needs; the command line mirrors it field for field (the nested sampling
+    settings as flat flags)."""
+
+    preset: str = setting("demo", "model size and the defaults below", choices=PRESETS)
+    output_dir: str = setting("runs/demo", "run folder: checkpoints/, config.json, validation/, RESULTS.md")
+    # -- data: shards are encoded once into the feature cache; training reads only the cache
+    shards: str = setting("data/shards/demo", "WebDataset shard folder (bucket_<W>x<H>/shard-*.tar)")
+    cache: str = setting("data/cache/demo", "feature-cache folder (latents, T5, DINOv3 in safetensors)")
+    synth_if_missing: bool = setting(False, "write the synthetic set into --shards when it holds no shards")
+    num_images: int = setting(100, "images in that synthetic set")
+    resolution: int = setting(32, "side of the synthetic images (and the bucket base for new data)")
+    stand_in_encoders: str | None = setting(None, "folder of stand-in encoders (made if missing); else the real ones")
+    text_encoder: str = setting(_ENCODERS.text_encoder, "T5 Hub id or folder")
+    image_encoder: str = setting(_ENCODERS.image_encoder, "DINOv3 Hub id or folder")
+    vae: str = setting(_ENCODERS.vae, 'Flux VAE Hub id or folder (subfolder "vae")')
+    pixel_mode: bool = setting(False, "no VAE: the model works on pixels in [-1, 1]")
+    max_sequence_length: int = setting(MAX_SEQUENCE_LENGTH, "T5 tokens kept of a caption (cache and shipped pipeline)")
+    # -- run
+    resume: str | None = setting(None, 'a checkpoint folder, or "latest" (the newest in the checkpoint folder)')
+    checkpoint_dir: str | None = setting(
+        None, "where checkpoints and the training log go (default: <output_dir>/checkpoints)"
+    )
+    checkpoint_every: int = setting(1000, "steps between accelerator.save_state checkpoints")
+    checkpoints_total_limit: int | None = setting(None, "keep only the newest N checkpoints (default: all)")
+    overwrite_output_dir: bool = setting(False, "start afresh in an output folder that holds a run")
+    # -- CFG dropout: four exclusive modes, exact counts over every 100 draws (CFGDropout)
+    p_both: float = setting(0.7, "CFG dropout: text and image kept")
+    p_none: float = setting(0.1, "CFG dropout: both dropped")
+    p_text_only: float = setting(0.1, "CFG dropout: image dropped")
+    p_image_only: float = setting(0.1, "CFG dropout: text dropped")
+    # -- the objective: how the training σ is drawn (FlowMatching's defaults)
+    weighting_scheme: str = setting(
+        _OBJECTIVE.weighting_scheme, "density of the training σ (SD3)", choices=WEIGHTING_SCHEMES
+    )
+    logit_mean: float = setting(_OBJECTIVE.logit_mean, "location of the logit-normal σ density")
+    logit_std: float = setting(_OBJECTIVE.logit_std, "scale of the logit-normal σ density")
+    mode_scale: float = setting(_OBJECTIVE.mode_scale, 'scale of the "mode" σ density')
+    shift: float = setting(_OBJECTIVE.shift, "SD3 time shift of the training σ (1: as drawn)")
+    # -- optimisation
+    total_steps: int = setting(1000, "optimizer steps")
+    batch_size: int = setting(16, "samples per micro-batch (per process); one bucket per batch")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
+    peak_lr: float = setting(3e-4, "AdamW learning rate after warmup")
+    min_lr: float = setting(1e-6, "floor of the cosine decay")
+    warmup_steps: int = setting(50, "linear warmup; the plan's 5k would leave no room for the decay")
+    weight_decay: float = setting(0.03, "AdamW weight decay")
+    grad_clip: float = setting(1.0, "max global gradient norm")
+    ema_decay: float = setting(0.9999, "EMAModel max decay (with warmup)")
+    mixed_precision: str | None = setting(
+        None, "unset: as `accelerate launch` says (flag or config)", choices=MIXED_PRECISIONS
+    )
+    gradient_checkpointing: bool = setting(False, "recompute block activations in backward: less memory, more time")
+    use_8bit_adam: bool = setting(False, 'bitsandbytes\' AdamW8bit (CUDA; pip install "nano-dit[gpu]")')
+    max_bad_steps: int = setting(10, "steps in a row with a non-finite loss or gradient that stop the run")
+    report_to: str = setting("none", "experiment tracker", choices=("none", "tensorboard", "wandb"))
+    seed: int = setting(0, "seeds weights, data order, noise, CFG dropout and the validation noise")
+    cpu_threads: int | None = setting(None, "torch threads per process on a CPU run (default: the cores / processes)")
+    compile: bool = setting(False, "torch.compile the transformer through Accelerate (pays off on a GPU)")
+    compile_backend: str = setting("inductor", 'dynamo backend for --compile ("eager": capture, no code generation)')
+    tf32: bool = setting(True, "TF32 matmuls on Ampere+ GPUs (fp32 weights, faster matmuls); no effect elsewhere")
+    cache_on_device: str = setting(
+        "auto",
+        "yes: the whole feature cache on the device; no: host memory, a copy per batch; "
+        "auto: yes when it takes <= 1/4 of free memory",
+        choices=("auto", "yes", "no"),
+    )
+    log_every: int = setting(50, "steps between log records and progress-bar updates")
+    # -- validation: the plan's three tests on the EMA weights, then RESULTS.md (nano_dit.validation)
+    validation: bool = setting(True, "--no-validation skips the tests (and loading the encoders they need)")
+    validation_every: int = setting(1000, "steps between validations; the last step is always validated")
+    sampling: SamplingConfig = setting(help="how validation samples", factory=SamplingConfig)
+    lpips_backbone: str = setting(
+        "pretrained", "LPIPS AlexNet: pretrained (cached / fetched once), random or none", choices=LPIPS_BACKBONES
+    )
+    push_to_hub: bool = setting(
+        False, "upload checkpoint_final to the Hub at the end (token: HF_TOKEN or `hf auth login`)"
+    )
+    hub_model_id: str | None = setting(None, "the Hub repo for --push-to-hub (default: the output folder's name)")
+    model: dict = setting(help="NanoDiTTransformer2DModel config (preset + data widths)", flag=False, factory=dict)
+
+    def check(self) -> None:
+        """Refuse a bad setting with a message naming its flag, before any work."""
+        for name in ("total_steps", "batch_size", "gradient_accumulation_steps", "resolution", "num_images"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("log_every", "max_bad_steps", "checkpoint_every", "validation_every", "max_sequence_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if self.peak_lr <= 0 or not 0 <= self.min_lr <= self.peak_lr:
+            raise ValueError(f"need 0 <= --min-lr <= --peak-lr and --peak-lr > 0, got {self.min_lr}, {self.peak_lr}")
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ValueError(f"--warmup-steps must be in [0, --total-steps), got {self.warmup_steps}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit <= 0:
+            raise ValueError(
+                f"--checkpoints-total-limit must be > 0 (leave it unset to keep every checkpoint), "
+                f"got {self.checkpoints_total_limit}"
+            )
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"--grad-clip must be a finite number > 0, got {self.grad_clip}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
+        if self.cpu_threads is not None and self.cpu_threads <= 0:
+            raise ValueError(f"--cpu-threads must be > 0, got {self.cpu_threads}")
+        _check_choices(self)
+        self.sampling.check()
+        try:
+            self.cfg_dropout()
+        except ValueError as err:
+            raise ValueError(f"--p-both / --p-none / --p-text-only / --p-image-only: {err}") from None
+        try:
+            self.objective()
+        except ValueError as err:
+            raise ValueError(f"--weighting-scheme / --logit-std / --shift: {err}") from None
+        if self.push_to_hub:
+            from huggingface_hub import get_token  # (the Hub client, only when a push is asked for)
+
+            if get_token() is None:  # found before training, not after it
+                raise ValueError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+
+    @property
+    def checkpoints(self) -> str:
+        """The checkpoint folder: --checkpoint-dir, else <output_dir>/checkpoints."""
+        return self.checkpoint_dir or str(Path(self.output_dir) / "checkpoints")
+
+    @property
+    def repo_id(self) -> str:
+        return self.hub_model_id or Path(self.output_dir).resolve().name
+
+    @classmethod
+    def from_saved(cls, values: dict, model: dict | None = None) -> TrainConfig:
+        """The config a checkpoint or a model card recorded, older spellings included; fields this
+        version does not know are left out. `model`: the model config, where it was recorded apart."""
+        values = {RENAMED.get(k, k): v for k, v in values.items()}
+        sampling = dict(values.pop("sampling", None) or {})
+        for name in _field_names(SamplingConfig):  # recorded flat before the sampling settings nested
+            if name in values and name != "batch_size":
+                sampling[name] = values.pop(name)
+        known = _field_names(cls)
+        fields = {k: v for k, v in values.items() if k in known}
+        fields["sampling"] = SamplingConfig(**{k: v for k, v in sampling.items() if k in _field_names(SamplingConfig)})
+        if model is not None:
+            fields["model"] = model
+        return cls(**fields)
+
+    def cfg_dropout(self, rank: int = 0) -> CFGDropout:
+        """This run's CFG-dropout sampler (one stream per process)."""
+        return CFGDropout(self.p_both, self.p_none, self.p_text_only, self.p_image_only, seed=self.seed + rank)
+
+    def objective(self) -> FlowMatching:
+        """This run's rectified-flow objective (how σ is drawn)."""
+        return FlowMatching(self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale, self.shift)
+
+    def thresholds(self) -> Thresholds:
+        """The verdict's numbers: the plan's, with the preset's own where it has them."""
+        return Thresholds(**PRESETS[self.preset].get("thresholds", {}))
+
+    def encoder_spec(self) -> EncoderSpec:
+        if self.stand_in_encoders:
+            spec = EncoderSpec.stand_in(self.stand_in_encoders, pixel_mode=self.pixel_mode)
+        else:
+            spec = EncoderSpec(self.text_encoder, self.image_encoder, vae=None if self.pixel_mode else self.vae)
+        return dataclasses.replace(spec, max_sequence_length=self.max_sequence_length)
+
+
+# Settings that changed name: the old spelling still works (flags, YAML, saved configs), with a
+# deprecation message for flags and YAML.
+RENAMED = {"text_guidance_scale": "guidance_scale", "validation_steps": "num_inference_steps"}
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_choices(config) -> None:
+    """Every setting with allowed values (its metadata's `choices`) holds one of them."""
+    for f in dataclasses.fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices and value is not None and value not in choices:
+            raise ValueError(f"{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def flag_fields(cls=TrainConfig) -> list[dataclasses.Field]:
+    """The fields that are flags, nested ones flattened (`sampling.guidance_scale` is --guidance-scale)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            out += flag_fields(f.default_factory)
+        elif f.metadata.get("flag", True):
+            out.append(f)
+    return out
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, fields: list[dataclasses.Field], default_note: str, renamed: dict = RENAMED
+) -> None:
+    """One flag per field, its type, choices and help read from the field; renamed ones keep their
+    old spelling (`renamed`: old name -> new), which warns. `default_note` says where an unset
+    flag's value comes from (`{default}`: the field's default). Unset flags parse as None."""
+    for f in fields:
+        kind = next((t for t in (bool, int, float) if f.type.startswith(t.__name__)), str)  # "int | None" -> int
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata['help']} ({default_note.format(default=default)})".replace("%", "%%")
+        names = [_flag(f.name)] + [_flag(old) for old, new in renamed.items() if new == f.name]
+        if kind is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        parser.add_argument(
+            *names,
+            dest=f.name,
+            type=kind,
+            default=None,
+            choices=f.metadata.get("choices"),
+            action=_RenamedFlag if len(names) > 1 else "store",
+            help=help_text,
+        )
+
+
+class _RenamedFlag(argparse.Action):
+    """Stores the value; given under an old spelling, says the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.option_strings[0]:
+            warnings.warn(f"{option_string} is deprecated: use {self.option_strings[0]}", FutureWarning, stacklevel=1)
+        setattr(namespace, self.dest, values)
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Command line -> TrainConfig: preset defaults first, then a --config file, explicit flags on top."""
+    parser = argparse.ArgumentParser(description="Train Nano DiT with rectified flow (run with `accelerate launch`).")
+    add_flags(parser, flag_fields(), "default: the preset's, else {default}")
+    parser.add_argument("--config", default=None, help="YAML file of these settings (flag names); flags win")
+    args = parser.parse_args(argv)
+    from_file = _read_config_file(args.config, parser) if args.config else {}
+    flags = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    preset = flags.get("preset") or from_file.get("preset") or TrainConfig.preset
+    values = {**PRESETS[preset]["train"], **from_file, **flags}
+    sampling_names = {f.name for f in flag_fields(SamplingConfig)}
+    sampling = SamplingConfig(**{k: values.pop(k) for k in sampling_names if k in values})
+    config = TrainConfig(**values, sampling=sampling, model=dict(PRESETS[preset]["model"]))
+    try:
+        config.check()
+    except ValueError as err:
+        parser.error(str(err))  # usage + the message naming the flag, exit status 2, before any work
+    return config
+
+
+def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Settings from YAML: keys are the flags' names (dashes or underscores); unknown keys are refused."""
+    import yaml  # (read only when a --config file is given)
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"--config {path}: {err}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in RENAMED:
+            warnings.warn(f"--config {path}: {key} is deprecated: use {RENAMED[name]}", FutureWarning, stacklevel=2)
+            name = RENAMED[name]
+        values[name] = value
+    unknown = sorted(set(values) - {f.name for f in flag_fields()})
+    if unknown:
+        parser.error(f"--config {path}: unknown settings {unknown}")
+    if values.get("preset", TrainConfig.preset) not in PRESETS:
+        parser.error(f"--config {path}: preset must be one of {', '.join(PRESETS)}, got {values['preset']!r}")
+    return values
