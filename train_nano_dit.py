@@ -22,7 +22,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import TorchDynamoPlugin, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -42,6 +42,7 @@ from nano_dit.data import CachedBatches, conditioning, model_config_for, prepare
 from nano_dit.feature_cache import load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
 from nano_dit.hub import PushFailed, export_run
+from nano_dit.step_guard import ema_step, optimizer_step
 from nano_dit.timings import PhaseTimer, RunTimings, describe_device, phase
 from nano_dit.training_log import TrainingLog
 from nano_dit.validation import Validator
@@ -67,7 +68,7 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.report_to == "none" else config.report_to,
         project_dir=config.output_dir,
-        dynamo_backend=config.compile_backend if config.compile else None,
+        dynamo_plugin=dynamo_plugin(config),
     )
     record_launch_settings(config, accelerator)  # config.json, the report and validation see what is in effect
     device = accelerator.device
@@ -95,6 +96,8 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
                 on_device={"auto": None, "yes": True, "no": False}[config.cache_on_device],
             )
     config.model = model_config_for(config, buckets)
+    if config.compile:  # one static graph per bucket shape: room for every bucket before dynamo gives up
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(buckets))
 
     # ---------------------------------------------------------------- model
     with phase("model: build"):
@@ -163,6 +166,8 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
             # The first step apart: it compiles (--compile) and warms the allocator and kernels.
             first = timer.phase("training: first step") if step == start_step + 1 else contextlib.nullcontext()
             with first:
+                if config.compile:  # a new iteration for CUDA graphs: the last step's outputs may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 losses = []
                 for _ in range(config.gradient_accumulation_steps):
                     batch = next(batches)
@@ -177,38 +182,25 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
                     sigma_loss_sums, sigma_counts = sigma_loss_sums + sums, sigma_counts + counts
                 grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip)  # gradients are synced now
                 loss = torch.stack(losses).mean()
-                # One host sync per step, on purpose: a non-finite update must never reach the
-                # weights, the EMA, nor so any checkpoint.
-                applied = bool(torch.isfinite(grad_norm) & torch.isfinite(loss))
-                if applied:
-                    optimizer.step()
-                    lr_scheduler.step()
-                    ema.step(params)
+                # Decided on the device, never read back here: a non-finite update reaches neither the
+                # weights, the optimizer's moments nor the EMA (nor so any checkpoint).
+                finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+                optimizer_step(accelerator, optimizer, finite)
+                lr_scheduler.step()
+                ema_step(ema, params, finite)
                 optimizer.zero_grad(set_to_none=True)
             progress.update(1)
 
             # -------- log: each step's values stay on the device until a logging step reads them all
-            log.add(step, loss, grad_norm.detach(), lr_scheduler.get_last_lr()[0], ema.cur_decay_value, not applied)
-            bad_in_a_row = 0 if applied else bad_in_a_row + 1
-            if not applied:
-                accelerator.print(
-                    f"step {step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)"
-                )
-            if bad_in_a_row >= config.max_bad_steps:
-                log.flush(samples_per_step, time.perf_counter() - interval_start)  # the report reads every step
-                if accelerator.is_main_process:
-                    validator.report(stopped=True)
-                raise RuntimeError(
-                    f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (the last at step {step}): "
-                    f"stopping. Lower --peak-lr or check the data; resume from the last checkpoint in {ckpt_dir}"
-                )
+            log.add(step, loss, grad_norm.detach(), lr_scheduler.get_last_lr()[0], ema.cur_decay_value, ~finite)
             last = step == config.total_steps  # the log ends with the run's last step, whatever the intervals
             validating = config.validation and (step % config.validation_every == 0 or last)
             if last or validating or step % config.log_every == 0 or step % config.checkpoint_every == 0:
-                record = log.flush(samples_per_step, time.perf_counter() - interval_start)[-1]
-                by_sigma = (
-                    sigma_loss_sums / sigma_counts.clamp(min=1)
-                ).tolist()  # mean loss per σ bin since the last log
+                records = log.flush(samples_per_step, time.perf_counter() - interval_start)
+                bad_in_a_row = count_skipped(records, bad_in_a_row, config, accelerator, validator, step)
+                record = records[-1]
+                # the mean loss per σ bin since the last log
+                by_sigma = (sigma_loss_sums / sigma_counts.clamp(min=1)).tolist()
                 accelerator.log({**record.scalars(), **dict(zip(SIGMA_BIN_NAMES, by_sigma))}, step=step)
                 sigma_loss_sums = sigma_counts = torch.zeros(SIGMA_BINS, device=device)
                 progress.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
@@ -263,18 +255,47 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
     return validator.last
 
 
+def count_skipped(records, bad_in_a_row: int, config: TrainConfig, accelerator, validator, step: int) -> int:
+    """The run of skipped (non-finite) steps, carried through `records`, the steps just read back.
+    `--max-bad-steps` in a row stop the run here, at the logging step that sees them, before this
+    step's checkpoint or validation: the report is written from the log, which holds every step."""
+    for r in records:
+        bad_in_a_row = bad_in_a_row + 1 if r.skipped else 0
+        if r.skipped:
+            accelerator.print(f"step {r.step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
+        if bad_in_a_row >= config.max_bad_steps:
+            if accelerator.is_main_process:
+                validator.report(stopped=True)
+            raise RuntimeError(
+                f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (the last at step {r.step}, "
+                f"read at step {step}): stopping. Lower --peak-lr or check the data; resume from the last "
+                f"checkpoint in {config.checkpoints}"
+            )
+    return bad_in_a_row
+
+
 def config_record(config: TrainConfig) -> dict:
     """The config as plain values (config.json, the checkpoint's training state, the tracker)."""
     return dataclasses.asdict(config)
+
+
+def dynamo_plugin(config: TrainConfig) -> TorchDynamoPlugin | None:
+    """--compile as Accelerate compiles: static graphs (one per bucket, captured once and replayed),
+    CUDA graphs on CUDA unless --compile-mode says otherwise. None leaves it to `accelerate launch`."""
+    if not config.compile:
+        return None
+    mode = config.compile_mode or ("reduce-overhead" if torch.cuda.is_available() else "default")
+    return TorchDynamoPlugin(backend=config.compile_backend, mode=mode, dynamic=False)
 
 
 def record_launch_settings(config: TrainConfig, accelerator: Accelerator) -> None:
     """The precision and compilation in effect, whoever chose them (a flag, `accelerate launch`'s
     flags or config file, or the defaults), written back into `config`."""
     config.mixed_precision = accelerator.mixed_precision
-    backend = accelerator.state.dynamo_plugin.backend.value.lower()
-    if backend != "no":
-        config.compile, config.compile_backend = True, backend
+    plugin = accelerator.state.dynamo_plugin
+    if plugin.backend.value.lower() != "no":
+        config.compile, config.compile_backend = True, plugin.backend.value.lower()
+        config.compile_mode = plugin.mode
 
 
 def restore_samplers(path, accelerator, samplers: dict) -> None:

@@ -29,6 +29,7 @@ from .pipelines.pipeline_nano_dit import (
 )
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LPIPS_BACKBONES = ("pretrained", "random", "none")
 
 
@@ -212,12 +213,22 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = setting(False, "recompute block activations in backward: less memory, more time")
     use_8bit_adam: bool = setting(False, 'bitsandbytes\' AdamW8bit (CUDA; pip install "nano-dit[gpu]")')
-    max_bad_steps: int = setting(10, "steps in a row with a non-finite loss or gradient that stop the run")
+    max_bad_steps: int = setting(
+        10,
+        "steps in a row with a non-finite loss or gradient (each skipped on the device) that stop the run; "
+        "read at logging steps (--log-every), so the stop comes at the first one after",
+    )
     report_to: str = setting("none", "experiment tracker", choices=("none", "tensorboard", "wandb"))
     seed: int = setting(0, "seeds weights, data order, noise, CFG dropout and the validation noise")
     cpu_threads: int | None = setting(None, "torch threads per process on a CPU run (default: the cores / processes)")
     compile: bool = setting(False, "torch.compile the transformer through Accelerate (pays off on a GPU)")
     compile_backend: str = setting("inductor", 'dynamo backend for --compile ("eager": capture, no code generation)')
+    compile_mode: str | None = setting(
+        None,
+        "torch.compile mode for --compile, graphs static per bucket; unset: reduce-overhead (CUDA graphs) on CUDA, "
+        "default elsewhere",
+        choices=COMPILE_MODES,
+    )
     tf32: bool = setting(True, "TF32 matmuls on Ampere+ GPUs (fp32 weights, faster matmuls); no effect elsewhere")
     cache_on_device: str = setting(
         "auto",

@@ -46,7 +46,7 @@ class _Pending:
     grad_norm: torch.Tensor
     lr: float
     ema_decay: float
-    skipped: bool
+    skipped: torch.Tensor  # 0-d bool: the update was not applied
 
 
 class TrainingLog:
@@ -68,8 +68,17 @@ class TrainingLog:
         self._file.writelines(line + "\n" for line in kept)
         self._file.flush()
 
-    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, ema_decay: float, skipped: bool):
-        """Buffer a step's values; nothing is read from the device here."""
+    def add(
+        self,
+        step: int,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        lr: float,
+        ema_decay: float,
+        skipped: torch.Tensor,
+    ):
+        """Buffer a step's values (`loss`, `grad_norm`, `skipped`: 0-d device tensors); nothing is
+        read from the device here."""
         self._pending.append(_Pending(step, loss, grad_norm, lr, ema_decay, skipped))
 
     @property
@@ -81,13 +90,15 @@ class TrainingLog:
         time they took, for the rate."""
         if not self._pending:
             return []
-        losses = torch.stack([p.loss for p in self._pending]).float().tolist()
-        norms = torch.stack([p.grad_norm for p in self._pending]).float().tolist()
+        values = torch.stack(
+            [torch.stack([p.loss.float(), p.grad_norm.float(), p.skipped.float()]) for p in self._pending]
+        )
+        losses, norms, skipped = values.T.tolist()  # the one host sync
         rate = samples_per_step * len(self._pending) / max(seconds, 1e-9)
         now = time.time()
         records = [
-            LogRecord(p.step, loss, norm, p.lr, p.ema_decay, rate, now, p.skipped)
-            for p, loss, norm in zip(self._pending, losses, norms)
+            LogRecord(p.step, loss, norm, p.lr, p.ema_decay, rate, now, bool(skip))
+            for p, loss, norm, skip in zip(self._pending, losses, norms, skipped, strict=True)
         ]
         self._pending = []
         if self._file is not None:

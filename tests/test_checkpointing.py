@@ -258,9 +258,14 @@ class NaNAtSteps(FlowMatching):
 
 def test_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, stand_in_dir, monkeypatch):
     monkeypatch.setattr(TrainConfig, "objective", lambda config: NaNAtSteps({3}))
-    train_nano_dit.main(_args(tmp_path, stand_in_dir, "run"))
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "run", "--checkpoint-every", "1"))
     log = [json.loads(line) for line in (tmp_path / "run/checkpoints/training_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("skipped")] == [3]
+    # Skipped on the device: step 3 left the weights, the moments (and their step count) and the EMA
+    # exactly as step 2 did, as a skip decided on the host would; step 4 trained again.
+    before, skipped, after = (_state(tmp_path / "run", step) for step in (2, 3, 4))
+    assert before.keys() == skipped.keys() and all(torch.equal(before[k], skipped[k]) for k in before)
+    assert not torch.equal(after["ema.0"], skipped["ema.0"])
     for step in (4, 8):
         assert all(torch.isfinite(t).all() for t in _state(tmp_path / "run", step).values())
 
@@ -374,7 +379,9 @@ def test_a_compiled_run_trains_the_same_steps_and_saves_plain_names(tmp_path, st
     compiled_models, real_compile = [], torch.compile
 
     def compile_and_record(model, **kwargs):
-        compiled_models.append((type(model).__name__, kwargs.get("backend")))
+        compiled_models.append(
+            (type(model).__name__, kwargs.get("backend"), kwargs.get("mode") or "default", kwargs.get("dynamic"))
+        )
         return real_compile(model, **kwargs)
 
     monkeypatch.setattr(torch, "compile", compile_and_record)
@@ -387,7 +394,10 @@ def test_a_compiled_run_trains_the_same_steps_and_saves_plain_names(tmp_path, st
         )
     finally:
         AcceleratorState._reset_state()  # the next tests start uncompiled
-    assert compiled_models == [("NanoDiTTransformer2DModel", "eager")]
+    # static graphs (one per bucket shape); CUDA graphs ("reduce-overhead") are the default on CUDA only
+    assert compiled_models == [("NanoDiTTransformer2DModel", "eager", "default", False)]
+    config = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert (config["compile"], config["compile_backend"], config["compile_mode"]) == (True, "eager", "default")
     plain, compiled = _state(tmp_path / "plain", 4), _state(tmp_path / "compiled", 4)
     assert plain.keys() == compiled.keys()  # no "_orig_mod." in what is saved
     for name, tensor in plain.items():
