@@ -39,6 +39,8 @@ torchvision downloads once: where they are neither cached nor reachable, the res
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import dataclasses
 import json
 import logging
@@ -73,10 +75,18 @@ TESTS = ("reconstruction", "dino_swap", "text_manip")
 
 
 def compile_for_sampling(pipe, backend: str | None) -> None:
-    """Compile `pipe.transformer` in place once with dynamo `backend` (`nn.Module.compile`: its
-    `state_dict`, and so every saved file, keeps the plain names); None leaves it eager."""
-    if backend is not None and getattr(pipe.transformer, "_compiled_call_impl", None) is None:
-        pipe.transformer.compile(backend=backend)
+    """Compile the transformer's repeated block once with dynamo `backend`: diffusers' regional
+    compilation (`compile_repeated_blocks`), every block reusing one compiled graph, so compiling
+    costs one block's time rather than the whole model's; in place (`nn.Module.compile`), so the
+    `state_dict`, and every saved file, keeps the plain names. Shapes are static: `generate` pads
+    its batches to one size per bucket, and nothing recompiles from one validation to the next.
+    None leaves it eager."""
+    if backend is not None and not compiled_for_sampling(pipe):
+        pipe.transformer.compile_repeated_blocks(backend=backend, dynamic=False)
+
+
+def compiled_for_sampling(pipe) -> bool:
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in pipe.transformer.modules())
 
 
 def _autocast(pipe, mixed_precision: str | None):
@@ -312,13 +322,19 @@ def generate(
     """
     rows = list(rows)
     image_rows = rows if image_rows is None else list(image_rows)
+    static = compiled_for_sampling(pipe)  # one batch shape per bucket: padded, the padding dropped after
+    size = min(sampling.batch_size, len(bucket)) if static else sampling.batch_size
     out = []
-    for s in range(0, len(rows), sampling.batch_size):
-        r, ir = rows[s : s + sampling.batch_size], image_rows[s : s + sampling.batch_size]
+    for s in range(0, len(rows), size):
+        r, ir = rows[s : s + size], image_rows[s : s + size]
         if text is None:
             embeds, mask = bucket.text_embeds[r], bucket.text_mask[r]
         else:
             embeds, mask = text[0][s : s + len(r)], text[1][s : s + len(r)]
+        n = len(r)
+        if static:
+            r, ir = r + r[-1:] * (size - n), ir + ir[-1:] * (size - n)
+            embeds, mask = _padded_text(embeds, mask, size, bucket.text_embeds.shape[1])
         with phase("sampling"), _autocast(pipe, precision):
             images = pipe(
                 prompt_embeds=embeds,
@@ -333,8 +349,17 @@ def generate(
                 guidance_mode=sampling.guidance_mode,
                 output_type="latent",
             ).images
-        out.append(images.float())
+        out.append(images[:n].float())
     return decode(pipe, torch.cat(out), sampling.decode_batch_size)
+
+
+def _padded_text(embeds: torch.Tensor, mask: torch.Tensor, rows: int, length: int):
+    """Text embeddings `(B, L, D)` and mask padded to `rows` rows (the last repeated) and to at least
+    `length` tokens (masked out): the bucket's cached shape, so edited captions reuse its graph."""
+    embeds = torch.cat([embeds, embeds[-1:].expand(rows - len(embeds), *embeds.shape[1:])])
+    mask = torch.cat([mask, mask[-1:].expand(rows - len(mask), *mask.shape[1:])])
+    extra = max(length - embeds.shape[1], 0)
+    return F.pad(embeds, (0, 0, 0, extra)), F.pad(mask, (0, extra))
 
 
 @torch.inference_mode()
@@ -361,6 +386,7 @@ def run_validation(
     *,
     seed: int = 0,
     mixed_precision: str | None = None,
+    writer: ImageWriter | None = None,
 ) -> dict:
     """Run the three tests with `pipe` on the cached `buckets`; write images, sheets and results.json
     (with `info`, e.g. the checkpoint and its CFG-dropout scheme, at the top, and the seconds spent
@@ -368,10 +394,16 @@ def run_validation(
 
     `seed` seeds each sample's starting noise; `mixed_precision` ("bf16", "fp16", "no" or None) is
     the autocast the transformer samples under, as the run trained. Decoding and metrics run in fp32.
+    `writer`: an `ImageWriter` that writes the images in the background (the caller waits on it);
+    None writes them before returning.
     """
     start = time.perf_counter()
-    with PhaseTimer(pipe.device) as timer:
-        results = _run_tests(pipe, buckets, Path(out_dir), metrics, sampling, step, info, seed, mixed_precision)
+    token = _WRITER.set(writer)
+    try:
+        with PhaseTimer(pipe.device) as timer:
+            results = _run_tests(pipe, buckets, Path(out_dir), metrics, sampling, step, info, seed, mixed_precision)
+    finally:
+        _WRITER.reset(token)
     results["timings"] = {"seconds": round(time.perf_counter() - start, 3), "phases": timer.as_dict()}
     (Path(out_dir) / "results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -388,7 +420,7 @@ def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info:
             **asdict(sampling),
             "seed": seed,
             "mixed_precision": precision,
-            "compiled": getattr(pipe.transformer, "_compiled_call_impl", None) is not None,
+            "compiled": compiled_for_sampling(pipe),
         },
         "stlpips": {"available": True, "weights": "stlpips-pytorch, vST0.0 AlexNet (pretrained)"},
         "lpips": metrics.describe,
@@ -575,18 +607,50 @@ def _text_manip(pipe, bucket, recon, truth, noise, metrics, sampling, precision,
 
 
 # --------------------------------------------------------------------------------------------
+# Images: PNGs and contact sheets, written by a background thread
+# --------------------------------------------------------------------------------------------
+class ImageWriter:
+    """Writes the validation's PNGs and contact sheets on one background thread, so that neither
+    the validation's sampling nor the training steps after it wait on PNG compression. `wait()`
+    before reading an image back (the model card's sheet) and before the next validation; it
+    raises what a write raised."""
+
+    def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="validation-images")
+        self._pending: list[concurrent.futures.Future] = []
+
+    def submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+
+_WRITER: contextvars.ContextVar[ImageWriter | None] = contextvars.ContextVar("image_writer", default=None)
+
+
+def _write(fn, *args) -> None:
+    """`fn(*args)` on the active `ImageWriter`'s thread (see `run_validation`), or here and now."""
+    writer = _WRITER.get()
+    if writer is None:
+        with phase("writing"):
+            fn(*args)
+    else:
+        writer.submit(fn, *args)
+
+
 def _to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
 
 def _save(t: torch.Tensor, path: Path) -> None:
-    with phase("writing"):
-        _to_pil(t).save(path)
+    _write(lambda: _to_pil(t).save(path))
 
 
 def _sheet(cells: list[torch.Tensor], captions: list[str], path: Path, columns: int = 4) -> None:
-    with phase("writing"):
-        contact_sheet([_to_pil(c) for c in cells], captions, columns=columns, cell=160).save(path)
+    _write(lambda: contact_sheet([_to_pil(c) for c in cells], captions, columns=columns, cell=160).save(path))
 
 
 def _reconstruction_sheet(buckets, recon, truth, path: Path, limit: int = 50) -> None:
@@ -598,8 +662,7 @@ def _reconstruction_sheet(buckets, recon, truth, path: Path, limit: int = 50) ->
                 break
             cells += [truth[b][i], recon[b][i]]
             captions += [bucket.captions[i], "generated"]
-    with phase("writing"):
-        contact_sheet([_to_pil(c) for c in cells], captions, columns=10, cell=96).save(path)
+    _write(lambda: contact_sheet([_to_pil(c) for c in cells], captions, columns=10, cell=96).save(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -616,6 +679,7 @@ class Validator:
         self.config, self.buckets, self.scheme, self.stand_in = config, buckets, scheme, stand_in
         self.accelerator, self.ema, self.log_path, self.timings = accelerator, ema, log_path, timings
         self.pipe, self.metrics, self.last, self.folder = None, None, {}, None
+        self.writer = ImageWriter()  # the images of one validation are written while training goes on
 
     def __call__(self, step: int) -> None:
         accelerator = self.accelerator
@@ -627,6 +691,7 @@ class Validator:
 
     def _validate(self, step: int) -> None:
         config, start = self.config, time.perf_counter()
+        self.writer.wait()  # the last validation's images (usually long written)
         if self.metrics is None:  # the first validation loads the encoders and the metrics' networks
             self.pipe = self.pipeline().to(self.accelerator.device)
             self.metrics = ImageMetrics(self.accelerator.device, config.lpips_backbone)
@@ -637,7 +702,7 @@ class Validator:
         info = {"checkpoint": f"EMA weights at step {step}", "cfg_dropout_scheme": self.scheme}
         results = run_validation(
             self.pipe, self.buckets, self.folder, self.metrics, config.sampling, step, info,
-            seed=config.seed, mixed_precision=config.mixed_precision,
+            seed=config.seed, mixed_precision=config.mixed_precision, writer=self.writer,
         )  # fmt: skip
         self.timings.note_validation(
             step, time.perf_counter() - start, {"setup": round(setup, 3), **results["timings"]["phases"]}
@@ -676,6 +741,7 @@ class Validator:
     def figures(self) -> tuple[dict, Image.Image | None]:
         """The last validation's headline figures and reconstruction sheet, for the model card; a run
         resumed with no step left has the ones recorded beside its last checkpoint."""
+        self.writer.wait()
         sheet = self.folder / "reconstruction" / "sheet.png" if self.folder else None
         figures, sheet = card_figures(self.last), Image.open(sheet) if sheet and sheet.exists() else None
         last = Path(self.config.checkpoints) / checkpoint_name(self.config.total_steps)
@@ -719,6 +785,7 @@ def validate_checkpoint(
     compile_for_sampling(pipe, config.compile_backend if config.compile else None)
     _, buckets = load_cache(cache or config.cache)
     run_dir = Path(output_dir) if output_dir else run_dir_of(checkpoint)
+    writer = ImageWriter()  # the report below reads no image: it is written while that goes on
     step = info["step"]
     run_validation(
         pipe,
@@ -730,6 +797,7 @@ def validate_checkpoint(
         {"checkpoint": str(checkpoint), "cfg_dropout_scheme": scheme},
         seed=config.seed,
         mixed_precision=config.mixed_precision,
+        writer=writer,
     )
     summary = write_report(
         run_dir,
@@ -739,4 +807,5 @@ def validate_checkpoint(
         log_path=checkpoint.parent / "training_log.jsonl",
         stand_in=info["encoders"]["stand_in"],
     )
+    writer.wait()
     return {**summary, "report": str(run_dir / "RESULTS.md")}

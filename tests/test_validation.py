@@ -363,6 +363,36 @@ def test_validation_covers_every_bucket_of_a_multi_aspect_set(tmp_path, tiny_con
     assert recon["mse"] > recon["data_variance"] > 0
 
 
+def test_images_are_written_in_the_background_and_the_same_as_written_inline(tmp_path, tiny_config):
+    import threading
+
+    from nano_dit.validation import ImageWriter
+
+    class HeldWriter(ImageWriter):  # its thread starts writing only when the gate opens
+        def __init__(self):
+            super().__init__()
+            self.gate = threading.Event()
+            self.submit(self.gate.wait)
+
+    pipe = _tiny_pipe(tiny_config)
+    bucket = _bucket([{"key": f"k{i}", "caption": "a cat on the left"} for i in range(4)])
+    bucket.latents = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    bucket.image_embeds = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    sampling, metrics = SamplingConfig(num_inference_steps=2), ImageMetrics(backbone="none")
+    run_validation(pipe, [bucket], tmp_path / "inline", metrics, sampling, step=1)
+    writer = HeldWriter()
+    results = run_validation(pipe, [bucket], tmp_path / "held", metrics, sampling, step=1, writer=writer)
+    assert (tmp_path / "held" / "results.json").exists()  # returned with every image still queued
+    assert not list((tmp_path / "held").rglob("*.png"))
+    writer.gate.set()
+    writer.wait()
+    inline = sorted(p.relative_to(tmp_path / "inline") for p in (tmp_path / "inline").rglob("*.png"))
+    assert inline == sorted(p.relative_to(tmp_path / "held") for p in (tmp_path / "held").rglob("*.png"))
+    assert len(inline) == 4 + 1 + 2 + 1  # each reconstruction, its sheet, the swap pairs and their sheet
+    assert all((tmp_path / "inline" / p).read_bytes() == (tmp_path / "held" / p).read_bytes() for p in inline)
+    assert results["timings"]["phases"].get("writing", 0.0) == 0.0  # none of it on the validation's clock
+
+
 def test_metrics_do_not_depend_on_how_the_images_are_chunked():
     metrics = ImageMetrics(backbone="random", chunk=32)
     g = torch.Generator().manual_seed(1)
@@ -391,19 +421,24 @@ def test_compiled_validation_sampling_matches_the_plain_one(tiny_config):
     noise = torch.randn(4, 3, 16, 16, generator=g)
     names = list(pipe.transformer.state_dict())
 
-    plain = generate(pipe, bucket, range(4), noise, SamplingConfig(num_inference_steps=3, batch_size=4))
+    sampling = SamplingConfig(num_inference_steps=3, batch_size=2)
+    plain = generate(pipe, bucket, range(4), noise, sampling)
+    swap = generate(pipe, bucket, [0], noise, sampling, image_rows=[1])
     graphs = []
 
     def backend(gm, example_inputs):  # dynamo's capture, run as captured: counts graphs, no codegen
         graphs.append(gm)
         return gm.forward
 
-    sampling = SamplingConfig(num_inference_steps=3, batch_size=4)
     compile_for_sampling(pipe, backend)
     compile_for_sampling(pipe, backend)  # once only
     compiled = generate(pipe, bucket, range(4), noise, sampling)
-    assert len(graphs) == 1  # the whole transformer forward is one graph: no breaks
-    assert torch.allclose(compiled, plain, atol=1e-5)
+    # Regional: the repeated block is one graph, every block and every batch reuse it, and a batch
+    # of one (the DINO swap here) is padded to the bucket's batch shape, not compiled again.
+    assert len(graphs) == 1
+    compiled_swap = generate(pipe, bucket, [0], noise, sampling, image_rows=[1])
+    assert len(graphs) == 1 and compiled_swap.shape == swap.shape == (1, 3, 16, 16)
+    assert torch.allclose(compiled, plain, atol=1e-5) and torch.allclose(compiled_swap, swap, atol=1e-5)
     assert compiled.is_inference()  # sampled under torch.inference_mode
     assert list(pipe.transformer.state_dict()) == names  # no `_orig_mod.` in anything saved
 
