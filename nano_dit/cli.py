@@ -215,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.max_sequence_length,
         help="T5 tokens kept of a caption (the shipped pipeline keeps the same)",
     )
-    encode.add_argument("--batch-size", type=_number(int), default=16, help="images per encoder call")
+    encode.add_argument(
+        "--batch-size",
+        type=_number(int),
+        default=None,
+        help="images per encoder call (default: 64 on a GPU, 16 on a CPU)",
+    )
     encode.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     encode.set_defaults(func=_encode)
 

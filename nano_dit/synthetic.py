@@ -15,7 +15,12 @@ The set is built for the validation plan's validation tests:
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
+import itertools
+import multiprocessing
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -147,25 +152,45 @@ def _background(names: list[str], side: int) -> Image.Image:
     return Image.fromarray(np.broadcast_to(rows, (side, side, 3)).round().astype(np.uint8), "RGB")
 
 
-def synthetic_samples(num_images: int = 100, resolution: int = 512, seed: int = 0):
+def synthetic_samples(num_images: int = 100, resolution: int = 512, seed: int = 0, workers: int | None = None):
     """Yield `num_images` samples: dicts with key, image (PIL), caption and layout metadata.
 
-    Deterministic for a seed: the same call gives the same pixels and captions on any machine.
-    No two samples share a caption.
+    Deterministic for a seed: the same call gives the same pixels and captions on any machine, with
+    any number of `workers`. No two samples share a caption. The layouts are drawn here, in order;
+    drawing the images (the slow part at 512²) is shared by `workers` processes (default: one per
+    core, up to 16; 1 draws them here).
     """
     rng = np.random.default_rng(seed)
     seen: set[str] = set()
-    index = 0
-    while index < num_images:
+    layouts = []
+    while len(layouts) < num_images:
         layout = sample_layout(rng)
         if layout.caption in seen:  # a repeated caption would make two targets for one text
             continue
         seen.add(layout.caption)
-        digest = hashlib.sha1(layout.caption.encode()).hexdigest()[:8]
-        yield {
-            "key": f"synth_{index:05d}_{digest}",
-            "image": render(layout, resolution),
-            "caption": layout.caption,
-            "meta": layout.to_json(),
-        }
-        index += 1
+        layouts.append(layout)
+    with _renderer(workers, num_images) as draw:
+        for index, (layout, image) in enumerate(zip(layouts, draw(layouts, resolution))):
+            digest = hashlib.sha1(layout.caption.encode()).hexdigest()[:8]
+            yield {
+                "key": f"synth_{index:05d}_{digest}",
+                "image": image,
+                "caption": layout.caption,
+                "meta": layout.to_json(),
+            }
+
+
+@contextlib.contextmanager
+def _renderer(workers: int | None, num_images: int):
+    """`draw(layouts, resolution)`: the images, in order; from a pool of forked processes when
+    there is more than one worker (fork: the workers need nothing but this module's functions,
+    already in memory), else drawn here."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(workers or min(cores, 16), num_images)
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        yield lambda layouts, resolution: (render(layout, resolution) for layout in layouts)
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield lambda layouts, resolution: pool.map(
+            render, layouts, itertools.repeat(resolution), chunksize=max(1, len(layouts) // (4 * workers))
+        )

@@ -42,9 +42,9 @@ GOOD = _png(Image.new("RGB", (16, 16), (200, 10, 10)))
 # Synthetic set
 # --------------------------------------------------------------------------------------------
 def test_synthetic_set_is_deterministic_and_its_captions_name_every_object():
-    a = list(synthetic_samples(20, 32, seed=3))
-    b = list(synthetic_samples(20, 32, seed=3))
-    assert [s["caption"] for s in a] == [s["caption"] for s in b]
+    a = list(synthetic_samples(20, 32, seed=3, workers=1))  # drawn here
+    b = list(synthetic_samples(20, 32, seed=3, workers=3))  # drawn by a pool of processes, in order
+    assert [s["caption"] for s in a] == [s["caption"] for s in b] and [s["key"] for s in a] == [s["key"] for s in b]
     assert all(np.array_equal(np.asarray(x["image"]), np.asarray(y["image"])) for x, y in zip(a, b))
     assert len({s["caption"] for s in a}) == 20  # no two images share a caption
     for s in a:
