@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # One prepared GPU check: installs nothing the environment already has, then prints the tables the
-# README quotes, with the card's name:
-#   0. the README's seed command itself, end to end, as a user types it (nano preset, 512², 5,000
-#      steps, 5 validations; stand-in encoders and the synthetic set, since that machine has no
-#      Hub), under a wall-clock limit (SEED_LIMIT seconds, default 600), and its phase table
-#      (timings.json: data, model, first step, training, validations, checkpoints, export);
-#   1. bench_train: the nano preset at 512² (64² latents), batch 8, eager / compiled / unfused,
-#      peak memory, and the largest batch measured to fit in 4 and 8 GiB;
-#   2. bench_memory: the CPU-side prediction of the same step, beside it;
-#   3. bench_validate: one full validation (100 images at 512², 50 steps), eager and compiled;
-#   4. bench_pipeline_cfg: the dual-CFG step against a plain forward; bench_sampling_cache: the
-#      guided step with each diffusers cache, and full against regional compilation time;
-#   5. the tests that need CUDA (the pinned-memory batch path);
-#   6. the seed run projected from 1 and 3: 5,000 steps at batch 8 + 5 validations.
+# README quotes, with the card's name. PARTS picks what runs; the default ("seed train") fits in
+# about 8 minutes of GPU time:
+#   seed:     the README's seed command itself, end to end, as a user types it (nano preset, 512²,
+#             5,000 steps, 5 validations, --compile; stand-in encoders and the synthetic set, since
+#             that machine has no Hub), under a wall-clock limit (SEED_LIMIT seconds, default 300),
+#             and its phase table (timings.json: data, model, first step, training, validations,
+#             checkpoints, export) against the goals;
+#   train:    bench_train at 512² (64² latents), batch 8: the bare step eager / compiled / with a host
+#             sync, and the trainer's own step eager and compiled, each with steps/s, MFU, GPU busy %;
+#   validate: bench_validate: one full validation (100 images at 512², 50 steps), eager and compiled;
+#   extra:    bench_memory (the CPU-side prediction, beside bench_train's measured peak), the
+#             dual-CFG step, the diffusers caches, the tests that need CUDA, the largest batch in 4
+#             and 8 GiB.
 # Usage: bash benchmarks/gpu_check.sh [OUT_DIR] [PARTS]   (each table also lands in OUT_DIR, default
-# gpu_check/; PARTS: "seed", "benches" or "seed benches", the default)
+# gpu_check/)
 #
 # A GPU machine with no network (PyTorch, transformers, accelerate present; the rest not): on a
 # machine with pip access, put the missing pure-Python wheels and this project's own in .whl/,
@@ -24,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-gpu_check}"
-parts="${2:-seed benches}"
+parts="${2:-seed train}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 if ! "$py" -c "import nano_dit.pipelines, lpips, webdataset, importlib.util as u; assert u.find_spec('stlpips_pytorch')" 2>/dev/null; then
@@ -45,19 +45,42 @@ run() {  # run NAME CMD...: print and keep its table; a failing bench does not h
 "$py" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" | tee -a "$out/gpu.txt"
 if [[ " $parts " == *" seed "* ]]; then
   # The README's seed command, as typed (plus the offline machine's stand-ins and a fresh run folder).
-  run seed_run timeout "${SEED_LIMIT:-600}" "$py" -m accelerate.commands.launch --config_file accelerate_config.yaml \
-    train_nano_dit.py --preset nano --stand-in-encoders data/encoders/tiny --synth-if-missing \
+  run seed_run timeout "${SEED_LIMIT:-300}" "$py" -m accelerate.commands.launch --config_file accelerate_config.yaml \
+    train_nano_dit.py --preset nano --compile --stand-in-encoders data/encoders/tiny --synth-if-missing \
     --output-dir "$out/seed_run" --overwrite-output-dir
-  "$py" -c "import sys; from nano_dit.timings import read_timings, timings_table
-t = read_timings(sys.argv[1]); print('\n'.join(timings_table(t)) if t else '(no timings.json: the run did not get far)')" "$out/seed_run" | tee "$out/seed_phases.md"
+  "$py" - "$out/seed_run" <<'PY' | tee "$out/seed_phases.md"
+import sys
+from nano_dit.timings import read_timings, timings_table
+
+t = read_timings(sys.argv[1])
+if t is None:
+    sys.exit("(no timings.json: the run did not get far)")
+print("\n".join(timings_table(t)))
+data = sum(s for name, s in t["phases"].items() if name.startswith("data"))
+rate = t["training"].get("steps_per_s", 0.0)
+vals = [v["seconds"] for v in t["validations"]]
+print("\n| phase | measured | goal |\n| --- | ---: | ---: |")
+print(f"| data (synthesise + encode) | {data:.1f} s | <= 20 s cold, <= 3 s cached |")
+print(f"| training | {rate:.1f} steps/s | >= 60 steps/s |")
+if vals:
+    later = f"{max(vals[1:]):.1f} s" if len(vals) > 1 else "–"
+    print(f"| validation, first / later (worst) | {vals[0]:.1f} s / {later} | <= 30 s / <= 10 s |")
+print(f"| whole run | {t['total_seconds']:.0f} s | <= 180 s |")
+PY
 fi
-[[ " $parts " == *" benches "* ]] || exit 0
-run bench_train timeout 120 "$py" benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 --compile --unfused --fit-gb 4 8
-run bench_memory timeout 45 "$py" benchmarks/bench_memory.py --batch-sizes 8 16
-run bench_validate timeout 150 "$py" benchmarks/bench_validate.py --device cuda --compile
-run bench_pipeline_cfg timeout 30 "$py" benchmarks/bench_pipeline_cfg.py --device cuda --latent-size 64 --batch-size 4 --repeats 5
-run bench_sampling_cache timeout 150 "$py" benchmarks/bench_sampling_cache.py --device cuda --latent-size 64 --repeats 3 --compile
-run gpu_tests timeout 45 bash -c "cd tests && $py -m pytest -q -p no:cacheprovider test_cached_batches.py"
+if [[ " $parts " == *" train "* ]]; then
+  run bench_train timeout 150 "$py" benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 --compile --trainer
+fi
+if [[ " $parts " == *" validate "* ]]; then
+  run bench_validate timeout 150 "$py" benchmarks/bench_validate.py --device cuda --compile
+fi
+if [[ " $parts " == *" extra "* ]]; then
+  run bench_train_fit timeout 120 "$py" benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 --unfused --fit-gb 4 8
+  run bench_memory timeout 45 "$py" benchmarks/bench_memory.py --batch-sizes 8 16
+  run bench_pipeline_cfg timeout 30 "$py" benchmarks/bench_pipeline_cfg.py --device cuda --latent-size 64 --batch-size 4 --repeats 5
+  run bench_sampling_cache timeout 150 "$py" benchmarks/bench_sampling_cache.py --device cuda --latent-size 64 --repeats 3 --compile
+  run gpu_tests timeout 45 bash -c "cd tests && $py -m pytest -q -p no:cacheprovider test_cached_batches.py"
+fi
 "$py" - "$out" <<'PY'
 import re, sys
 from pathlib import Path
@@ -66,11 +89,11 @@ out = Path(sys.argv[1])
 def rows(name):
     text = (out / f"{name}.txt").read_text() if (out / f"{name}.txt").exists() else ""
     return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
-steps = {r[0].split(" ")[0]: float(r[2]) for r in rows("bench_train") if len(r) > 2 and r[1] == "8" and re.match(r"[\d.]+$", r[2])}
+steps = {r[0].split(" (")[0]: float(r[2]) for r in rows("bench_train") if len(r) > 2 and r[1] == "8" and re.match(r"[\d.]+$", r[2])}
 val = {r[0]: float(r[2]) for r in rows("bench_validate") if len(r) > 2 and r[1] == "warm"}
-for mode in ("eager", "compiled"):
-    if mode in steps and mode in val:
-        total = 5000 / steps[mode] + 5 * val[mode]
+for mode, sampling in (("trainer", "eager"), ("trainer, compiled", "compiled")):
+    if mode in steps and sampling in val:
+        total = 5000 / steps[mode] + 5 * val[sampling]
         print(f"seed run projected, {mode}: 5,000 steps at {steps[mode]:.1f} steps/s = {5000 / steps[mode]:.0f} s"
-              f" + 5 validations x {val[mode]:.1f} s = {total / 60:.1f} min (target <= 3 min on one H100)")
+              f" + 5 validations x {val[sampling]:.1f} s = {total / 60:.1f} min (target <= 3 min on one H100)")
 PY
