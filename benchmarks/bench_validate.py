@@ -11,8 +11,10 @@ LPIPS on a randomly initialised AlexNet (the same work as the real one). The cac
 synthetic set's captions and layouts (so the text edits have targets) with random latents and
 DINOv3 embeddings. Sampling runs as validation does: batched across images and CFG branches,
 under `torch.inference_mode`, bf16 autocast on CUDA. Prints one table: seconds per validation and
-their split (sampling holds compilation on a first compiled call), and how many graphs dynamo has
-compiled so far (one per batch shape the tests sample at).
+their split (sampling holds compilation on a first compiled call; the images are written by a
+background thread, as in training, and waited for between calls, outside the timing), and how many
+graphs dynamo has compiled so far (regional compilation: the repeated block, once per shape the
+tests sample at: the guided batch, the one-branch batch of the probes).
 """
 
 from __future__ import annotations
@@ -31,11 +33,18 @@ from shapes import IMAGE_DIM, LATENT_CHANNELS, TEXT_DIM, build_model, sync
 from transformers import AutoTokenizer, T5EncoderModel
 
 from nano_dit import NanoDiTPipeline
-from nano_dit.config import PRESETS
+from nano_dit.config import PRESETS, SamplingConfig
 from nano_dit.encoders import make_stand_in_encoders
 from nano_dit.feature_cache import CachedBucket
 from nano_dit.synthetic import synthetic_samples
-from nano_dit.validation import ImageMetrics, SamplingConfig, caption_edits, run_validation, swap_pairs
+from nano_dit.validation import (
+    ImageMetrics,
+    ImageWriter,
+    caption_edits,
+    compile_for_sampling,
+    run_validation,
+    swap_pairs,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -138,16 +147,20 @@ def main() -> None:
             "| mode | call | seconds | sampled images/s | sampling | decoding | metrics | writing | graphs compiled |"
         )
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        sampling, writer = SamplingConfig(num_inference_steps=args.steps), ImageWriter()
         for compiled in (False, True) if args.compile else (False,):
-            sampling = SamplingConfig(
-                num_inference_steps=args.steps, mixed_precision=args.mixed_precision, compile=compiled
-            )
+            if compiled:  # as the trainer does at its first validation: the repeated block, once
+                compile_for_sampling(pipe, "inductor")
             for repeat in range(args.repeats):
                 sync(device)
                 start = time.perf_counter()
-                results = run_validation(pipe, buckets, Path(tmp) / f"run{compiled}{repeat}", metrics, sampling, 0)
+                results = run_validation(
+                    pipe, buckets, Path(tmp) / f"run{compiled}{repeat}", metrics, sampling, 0,
+                    mixed_precision=args.mixed_precision, writer=writer,
+                )  # fmt: skip
                 sync(device)
                 seconds = time.perf_counter() - start
+                writer.wait()  # the images, written in the background as in training, before the next call
                 call = "first (with compilation)" if compiled and repeat == 0 else ("first" if repeat == 0 else "warm")
                 mode = "compiled" if compiled else "eager"
                 split = [

@@ -421,9 +421,9 @@ def test_compiled_validation_sampling_matches_the_plain_one(tiny_config):
     noise = torch.randn(4, 3, 16, 16, generator=g)
     names = list(pipe.transformer.state_dict())
 
-    sampling = SamplingConfig(num_inference_steps=3, batch_size=2)
+    sampling = SamplingConfig(num_inference_steps=3, batch_size=4)
     plain = generate(pipe, bucket, range(4), noise, sampling)
-    swap = generate(pipe, bucket, [0], noise, sampling, image_rows=[1])
+    swap = generate(pipe, bucket, [0, 1, 2], noise, sampling, image_rows=[1, 2, 3])
     graphs = []
 
     def backend(gm, example_inputs):  # dynamo's capture, run as captured: counts graphs, no codegen
@@ -433,11 +433,11 @@ def test_compiled_validation_sampling_matches_the_plain_one(tiny_config):
     compile_for_sampling(pipe, backend)
     compile_for_sampling(pipe, backend)  # once only
     compiled = generate(pipe, bucket, range(4), noise, sampling)
-    # Regional: the repeated block is one graph, every block and every batch reuse it, and a batch
-    # of one (the DINO swap here) is padded to the bucket's batch shape, not compiled again.
+    # Regional: the repeated block is one graph, which every block reuses; a batch of 3 (a DINO
+    # swap here) is padded to 4 and reuses it too, instead of compiling a graph of its own.
     assert len(graphs) == 1
-    compiled_swap = generate(pipe, bucket, [0], noise, sampling, image_rows=[1])
-    assert len(graphs) == 1 and compiled_swap.shape == swap.shape == (1, 3, 16, 16)
+    compiled_swap = generate(pipe, bucket, [0, 1, 2], noise, sampling, image_rows=[1, 2, 3])
+    assert len(graphs) == 1 and compiled_swap.shape == swap.shape == (3, 3, 16, 16)
     assert torch.allclose(compiled, plain, atol=1e-5) and torch.allclose(compiled_swap, swap, atol=1e-5)
     assert compiled.is_inference()  # sampled under torch.inference_mode
     assert list(pipe.transformer.state_dict()) == names  # no `_orig_mod.` in anything saved
