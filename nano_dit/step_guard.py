@@ -7,8 +7,9 @@ everything exactly as it was where it is false, without reading it back:
 
 - the optimizer: fused AdamW takes a `found_inf` tensor (the way `torch.amp.GradScaler` skips an
   overflowing step) and then updates neither the weights nor its moments nor its step count;
-- the EMA: diffusers' `EMAModel.step` moves each shadow weight toward its target; on a skipped step
-  the target is the shadow weight itself, so it stays bit for bit.
+- the EMA: diffusers' `EMAModel.step` moves each shadow weight toward its target, `lerp(shadow,
+  weight, finite)`: the new weight on a finite step, the shadow weight itself on a skipped one, so
+  that it stays bit for bit.
 
 The learning-rate schedule and the EMA's warmup count advance on every step, skipped or not: they
 live on the host, and reading `finite` to decide would be the very sync this avoids.
@@ -46,8 +47,11 @@ def optimizer_step(accelerator, optimizer, finite: torch.Tensor) -> None:
 def ema_step(ema, params: list[torch.Tensor], finite: torch.Tensor) -> None:
     """`ema.step(params)` where `finite` is true; where false, each shadow weight moves toward
     itself and so stays as it was. The same arithmetic as `EMAModel.step` on a finite step."""
-    targets = [
-        torch.where(finite, p, s).requires_grad_(p.requires_grad)  # EMAModel averages what requires grad
-        for p, s in zip(params, ema.shadow_params, strict=True)
-    ]
+    weight = finite.to(torch.float32)
+    try:  # one multi-tensor kernel: lerp(s, p, 1) is p and lerp(s, p, 0) is s, exactly
+        targets = torch._foreach_lerp(ema.shadow_params, params, weight)
+    except (TypeError, RuntimeError):  # a torch whose foreach lerp takes no tensor weight
+        targets = [torch.lerp(s, p, weight) for s, p in zip(ema.shadow_params, params, strict=True)]
+    for target, p in zip(targets, params):
+        target.requires_grad_(p.requires_grad)  # EMAModel averages what requires grad, copies the rest
     ema.step(targets)
