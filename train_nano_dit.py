@@ -38,7 +38,7 @@ from nano_dit.checkpointing import (
     save_checkpoint,
 )
 from nano_dit.config import TrainConfig, parse_config
-from nano_dit.data import CachedBatches, conditioning, model_config_for, prepare_data
+from nano_dit.data import CachedBatches, conditioning, model_config_for, prepare_data, to_device
 from nano_dit.feature_cache import load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
 from nano_dit.hub import PushFailed, export_run
@@ -171,7 +171,7 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
                 losses = []
                 for _ in range(config.gradient_accumulation_steps):
                     batch = next(batches)
-                    drop_text, drop_image = (m.to(device) for m in cfg_dropout.sample(config.batch_size))
+                    drop_text, drop_image = (to_device(m, device) for m in cfg_dropout.sample(config.batch_size))
                     with accelerator.accumulate(model), accelerator.autocast():
                         out = objective.loss(
                             model, batch["latents"], drop_text=drop_text, drop_image=drop_image, **conditioning(batch)

@@ -100,7 +100,7 @@ class CachedBatches:
             index = torch.randint(n, (self.batch_size,), generator=self.generator)
         tensors = self.tensors[bucket]
         if self.on_device:
-            index = index.to(self.device)
+            index = to_device(index, self.device)
             return {name: t[index] for name, t in tensors.items()}
         return {name: _gathered(t, index, self.device) for name, t in tensors.items()}
 
@@ -118,6 +118,15 @@ def cache_fits_on_device(nbytes: int, device: torch.device, share: float = 0.25)
         return True
     free, _ = torch.cuda.mem_get_info(device)
     return nbytes <= share * free
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (batch indices, CFG-dropout masks) on `device` without a host sync: on
+    CUDA a plain `.to(device)` from pageable memory waits for the device's queue to drain, every
+    step; from pinned memory and `non_blocking`, the copy is queued behind the work before it."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _gathered(t: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -72,3 +72,13 @@ def test_a_bad_cache_placement_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--cache-on-device", "sometimes"])
     assert "argument --cache-on-device: invalid choice: 'sometimes'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_small_host_tensors_reach_the_device_unchanged(device):
+    from nano_dit.data import to_device
+
+    masks = torch.tensor([True, False, True]), torch.randperm(7)
+    moved = [to_device(m, torch.device(device)) for m in masks]
+    assert all(m.device.type == device for m in moved)
+    assert all(torch.equal(a, b.cpu()) and a.dtype == b.dtype for a, b in zip(masks, moved))
