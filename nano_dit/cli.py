@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         MIXED_PRECISIONS,
         PRESETS,
         RENAMED,
+        RenamedFlag,
         SamplingConfig,
         add_flags,
         flag_fields,
@@ -210,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--revision", default=None, help="Hub revision to pin (keys the cache)")
     encode.add_argument(
         "--max-sequence-length",
-        "--max-text-length",  # its earlier name
+        "--max-text-length",  # its earlier name, which warns
+        action=RenamedFlag,
         type=_number(int),
         default=defaults.max_sequence_length,
         help="T5 tokens kept of a caption (the shipped pipeline keeps the same)",

@@ -393,12 +393,12 @@ def add_flags(
             type=kind,
             default=None,
             choices=f.metadata.get("choices"),
-            action=_RenamedFlag if len(names) > 1 else "store",
+            action=RenamedFlag if len(names) > 1 else "store",
             help=help_text,
         )
 
 
-class _RenamedFlag(argparse.Action):
+class RenamedFlag(argparse.Action):
     """Stores the value; given under an old spelling, says the new one."""
 
     def __call__(self, parser, namespace, values, option_string=None):

@@ -59,3 +59,19 @@ def test_subcommand_flags_are_checked_at_the_door(argv, message, tmp_path, capsy
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize(
+    "argv,dest,value",
+    [
+        (["validate", "--checkpoint", "c", "--steps", "7"], "num_inference_steps", 7),
+        (["validate", "--checkpoint", "c", "--text-guidance-scale", "2.5"], "guidance_scale", 2.5),
+        (["data", "encode", "--shards", "s", "--cache", "c", "--max-text-length", "9"], "max_sequence_length", 9),
+    ],
+)
+def test_renamed_subcommand_flags_keep_their_old_spelling_with_a_deprecation(argv, dest, value):
+    from nano_dit.cli import build_parser
+
+    with pytest.warns(FutureWarning, match=f"{argv[-2]} is deprecated: use --"):
+        args = build_parser().parse_args(argv)
+    assert getattr(args, dest) == value
