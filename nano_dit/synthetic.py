@@ -158,7 +158,8 @@ def synthetic_samples(num_images: int = 100, resolution: int = 512, seed: int = 
     Deterministic for a seed: the same call gives the same pixels and captions on any machine, with
     any number of `workers`. No two samples share a caption. The layouts are drawn here, in order;
     drawing the images (the slow part at 512²) is shared by `workers` processes (default: one per
-    core, up to 16; 1 draws them here).
+    core, up to 16, from 128² up; below, where a process costs more than it saves, and with 1, they
+    are drawn here).
     """
     rng = np.random.default_rng(seed)
     seen: set[str] = set()
@@ -169,7 +170,7 @@ def synthetic_samples(num_images: int = 100, resolution: int = 512, seed: int = 
             continue
         seen.add(layout.caption)
         layouts.append(layout)
-    with _renderer(workers, num_images) as draw:
+    with _renderer(workers if workers is not None or resolution >= 128 else 1, num_images) as draw:
         for index, (layout, image) in enumerate(zip(layouts, draw(layouts, resolution))):
             digest = hashlib.sha1(layout.caption.encode()).hexdigest()[:8]
             yield {
