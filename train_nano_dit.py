@@ -38,8 +38,8 @@ from nano_dit.checkpointing import (
     save_checkpoint,
 )
 from nano_dit.config import TrainConfig, parse_config
-from nano_dit.data import CachedBatches, conditioning, model_config_for, prepare_data, to_device
-from nano_dit.feature_cache import load_cache
+from nano_dit.data import CachedBatches, cache_fits_on_device, conditioning, model_config_for, prepare_data, to_device
+from nano_dit.feature_cache import cache_nbytes, load_cache
 from nano_dit.flow_matching import loss_by_sigma_bin
 from nano_dit.hub import PushFailed, export_run
 from nano_dit.step_guard import ema_step, optimizer_step
@@ -86,14 +86,13 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
     with accelerator.main_process_first():  # one process encodes, the others then read the cache
         if accelerator.is_main_process:
             accelerator.print(prepare_data(config).summary())
-        with phase("data: loading the cache"):
-            manifest, buckets = load_cache(config.cache)
+        with phase("data: loading the cache"):  # straight to the device when it belongs there
+            on_device = {"auto": None, "yes": True, "no": False}[config.cache_on_device]
+            if on_device is None:
+                on_device = cache_fits_on_device(cache_nbytes(config.cache), device)
+            manifest, buckets = load_cache(config.cache, device=device if on_device else None)
             batches = CachedBatches(
-                buckets,
-                config.batch_size,
-                device,
-                seed=config.seed + accelerator.process_index,
-                on_device={"auto": None, "yes": True, "no": False}[config.cache_on_device],
+                buckets, config.batch_size, device, seed=config.seed + accelerator.process_index, on_device=on_device
             )
     config.model = model_config_for(config, buckets)
     if config.compile:  # one static graph per bucket shape: room for every bucket before dynamo gives up

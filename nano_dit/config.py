@@ -59,13 +59,15 @@ class SamplingConfig:
         choices=GUIDANCE_MODES,
     )
     batch_size: int = setting(50, "images per pipeline call (times the CFG branches)", flag=False)
-    decode_batch_size: int = setting(8, "latents per VAE decode (a 512² decode is memory-hungry)", flag=False)
+    decode_batch_size: int | None = setting(
+        None, "latents per VAE decode; unset: 32 on a GPU, 8 elsewhere (a 512² decode is memory-hungry)", flag=False
+    )
     num_pairs: int = setting(5, "DINO-swap pairs", flag=False)
     num_edits: int = setting(5, "text-manipulation edits", flag=False)
 
     def check(self) -> None:
         for name in ("num_inference_steps", "batch_size", "decode_batch_size", "num_pairs", "num_edits"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         for name in ("guidance_scale", "image_guidance_scale"):
             value = getattr(self, name)

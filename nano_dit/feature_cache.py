@@ -256,23 +256,22 @@ class CachedBucket:
         return len(self.keys)
 
 
-def load_cache(cache_dir: str | os.PathLike) -> tuple[dict, list[CachedBucket]]:
-    """The manifest and one `CachedBucket` per bucket; no encoder is loaded."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"no feature cache at {cache_dir} (run `nano-dit data encode` first)")
-    manifest = json.loads(path.read_text())
-    fps = manifest["fingerprints"]
-    text = _load(cache_dir / "text" / f"{_dir_name(fps['text'])}.safetensors")
+def load_cache(
+    cache_dir: str | os.PathLike, device: str | torch.device | None = None
+) -> tuple[dict, list[CachedBucket]]:
+    """The manifest and one `CachedBucket` per bucket; no encoder is loaded. `device`: where the
+    tensors go, read straight there from the files (default: host memory)."""
+    manifest = read_manifest(cache_dir)
+    cache_dir, fps, device = Path(cache_dir), manifest["fingerprints"], torch.device(device or "cpu")
+    text = _load(cache_dir / "text" / f"{_dir_name(fps['text'])}.safetensors", device)
     by_bucket = defaultdict(list)
     for s in manifest["samples"]:
         by_bucket[tuple(s["bucket"])].append(s)
     buckets = []
     for bucket, samples in sorted(by_bucket.items()):
         name = f"{bucket_name(bucket)}.safetensors"
-        latents = _load(cache_dir / "latents" / _dir_name(fps["latents"]) / name)
-        image = _load(cache_dir / "image" / _dir_name(fps["image"]) / name)
+        latents = _load(cache_dir / "latents" / _dir_name(fps["latents"]) / name, device)
+        image = _load(cache_dir / "image" / _dir_name(fps["image"]) / name, device)
         missing = [
             s["key"]
             for s in samples
@@ -293,7 +292,7 @@ def load_cache(cache_dir: str | os.PathLike) -> tuple[dict, list[CachedBucket]]:
                 meta=[s["meta"] for s in samples],
                 latents=torch.stack([latents[s["image_hash"]] for s in samples]),
                 text_embeds=torch.stack([torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[0])) for e in embeds]),
-                text_mask=torch.stack([(torch.arange(L) < e.shape[0]).long() for e in embeds]),
+                text_mask=torch.stack([(torch.arange(L, device=device) < e.shape[0]).long() for e in embeds]),
                 image_embeds=torch.stack([image[f"{s['image_hash']}.global"] for s in samples]),
                 image_tokens=torch.stack([image[f"{s['image_hash']}.tokens"] for s in samples]),
             )
@@ -301,8 +300,25 @@ def load_cache(cache_dir: str | os.PathLike) -> tuple[dict, list[CachedBucket]]:
     return manifest, buckets
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    """A cache file's tensors in the cache's dtype."""
+def read_manifest(cache_dir: str | os.PathLike) -> dict:
+    path = Path(cache_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"no feature cache at {cache_dir} (run `nano-dit data encode` first)")
+    return json.loads(path.read_text())
+
+
+def cache_nbytes(cache_dir: str | os.PathLike) -> int:
+    """Bytes the cache's current features take on disk (about what they take in memory): for
+    deciding where to load them before loading them."""
+    cache_dir, fps = Path(cache_dir), read_manifest(cache_dir)["fingerprints"]
+    files = [cache_dir / "text" / f"{_dir_name(fps['text'])}.safetensors"]
+    for kind in ("latents", "image"):
+        files += (cache_dir / kind / _dir_name(fps[kind])).glob("*.safetensors")
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
+def _load(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A cache file's tensors in the cache's dtype, on `device`."""
     if not path.exists():
         raise FileNotFoundError(f"feature cache file {path} is missing; run `nano-dit data encode` again")
-    return {name: as_cached(t) for name, t in load_file(path).items()}
+    return {name: as_cached(t) for name, t in load_file(path, device=str(device)).items()}

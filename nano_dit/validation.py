@@ -361,6 +361,11 @@ def _static_batch(n: int, size: int) -> int:
     return min(size, 1 << (n - 1).bit_length())
 
 
+def _decode_chunk(pipe) -> int:
+    """Latents per VAE decode: large batches where the device has room for them."""
+    return 32 if pipe.device.type == "cuda" else 8
+
+
 def _padded_text(embeds: torch.Tensor, mask: torch.Tensor, rows: int, length: int):
     """Text embeddings `(B, L, D)` and mask padded to `rows` rows (the last repeated) and to at least
     `length` tokens (masked out): the bucket's cached shape, so edited captions reuse its graph."""
@@ -371,8 +376,10 @@ def _padded_text(embeds: torch.Tensor, mask: torch.Tensor, rows: int, length: in
 
 
 @torch.inference_mode()
-def decode(pipe, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """Model-space latents -> images `(N, 3, H, W)` in [0, 1] on the CPU, `chunk` at a time."""
+def decode(pipe, latents: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Model-space latents -> images `(N, 3, H, W)` in [0, 1] on the CPU, `chunk` at a time
+    (default: 32 on a GPU, 8 elsewhere)."""
+    chunk = chunk or _decode_chunk(pipe)
     dtype = pipe.transformer.dtype if pipe.vae is None else pipe.vae.dtype
     with phase("decoding"):
         parts = [
@@ -406,6 +413,8 @@ def run_validation(
     None writes them before returning.
     """
     start = time.perf_counter()
+    if sampling.decode_batch_size is None:  # recorded in results.json as used
+        sampling = replace(sampling, decode_batch_size=_decode_chunk(pipe))
     token = _WRITER.set(writer)
     try:
         with PhaseTimer(pipe.device) as timer:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from nano_dit.encoders import ConditioningEncoders, EncoderSpec
@@ -129,3 +130,22 @@ def test_captions_past_the_text_window_are_counted_and_reported(tmp_path, stand_
     assert "1 captions are longer than the text encoder's 128-token window" in caplog.text
     _, (bucket,) = load_cache(tmp_path / "cache")
     assert bucket.text_mask.sum(dim=1).max() == 128
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+)
+def test_the_cache_loads_straight_to_a_device_and_its_size_is_known_before(tmp_path, stand_in_dir, device):
+    from nano_dit.feature_cache import cache_nbytes
+
+    write_shards(synthetic_samples(6, 16, seed=0), tmp_path / "shards", samples_per_shard=3)
+    _encode(tmp_path / "shards", tmp_path / "cache", EncoderSpec.stand_in(stand_in_dir, pixel_mode=True))
+    _, host = load_cache(tmp_path / "cache")
+    _, there = load_cache(tmp_path / "cache", device=device)
+    fields = ("latents", "text_embeds", "text_mask", "image_embeds", "image_tokens")
+    for a, b in zip(host, there, strict=True):
+        assert all(getattr(b, f).device.type == device for f in fields)
+        assert all(torch.equal(getattr(a, f), getattr(b, f).cpu()) for f in fields)
+    tensors = sum(getattr(b, f).nbytes for b in host for f in fields if f != "text_mask")
+    # what the files hold: each caption once (unpadded), plus headers; the same order as in memory
+    assert tensors / 2 < cache_nbytes(tmp_path / "cache") < 2 * tensors
