@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU check: installs nothing the environment already has, then prints the tables the
 # README quotes, with the card's name. PARTS picks what runs; the default ("seed train") fits in
-# about 8 minutes of GPU time:
+# about 7 minutes of GPU time (with room for a retry in 15):
 #   seed:     the README's seed command itself, end to end, as a user types it (nano preset, 512²,
 #             5,000 steps, 5 validations, --compile; stand-in encoders and the synthetic set, since
-#             that machine has no Hub), under a wall-clock limit (SEED_LIMIT seconds, default 300),
+#             that machine has no Hub), under a wall-clock limit (SEED_LIMIT seconds, default 240),
 #             and its phase table (timings.json: data, model, first step, training, validations,
 #             checkpoints, export) against the goals;
 #   train:    bench_train at 512² (64² latents), batch 8: the bare step eager / compiled / with a host
@@ -45,7 +45,7 @@ run() {  # run NAME CMD...: print and keep its table; a failing bench does not h
 "$py" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" | tee -a "$out/gpu.txt"
 if [[ " $parts " == *" seed "* ]]; then
   # The README's seed command, as typed (plus the offline machine's stand-ins and a fresh run folder).
-  run seed_run timeout "${SEED_LIMIT:-300}" "$py" -m accelerate.commands.launch --config_file accelerate_config.yaml \
+  run seed_run timeout "${SEED_LIMIT:-240}" "$py" -m accelerate.commands.launch --config_file accelerate_config.yaml \
     train_nano_dit.py --preset nano --compile --stand-in-encoders data/encoders/tiny --synth-if-missing \
     --output-dir "$out/seed_run" --overwrite-output-dir
   "$py" - "$out/seed_run" <<'PY' | tee "$out/seed_phases.md"
@@ -69,7 +69,7 @@ print(f"| whole run | {t['total_seconds']:.0f} s | <= 180 s |")
 PY
 fi
 if [[ " $parts " == *" train "* ]]; then
-  run bench_train timeout 150 "$py" benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 --compile --trainer
+  run bench_train timeout 120 "$py" benchmarks/bench_train.py --device cuda --latent-size 64 --batch-sizes 8 --compile --trainer
 fi
 if [[ " $parts " == *" validate "* ]]; then
   run bench_validate timeout 150 "$py" benchmarks/bench_validate.py --device cuda --compile
