@@ -141,7 +141,7 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump(config_record(config), f, indent=2)
-    accelerator.init_trackers("nano-dit", config={k: v for k, v in config_record(config).items() if k != "model"})
+    accelerator.init_trackers("nano-dit", config=tracker_config(config))
 
     # ---------------------------------------------------------------- loop
     log_path = os.path.join(ckpt_dir, "training_log.jsonl")
@@ -285,6 +285,15 @@ def dynamo_plugin(config: TrainConfig) -> TorchDynamoPlugin | None:
         return None
     mode = config.compile_mode or ("reduce-overhead" if torch.cuda.is_available() else "default")
     return TorchDynamoPlugin(backend=config.compile_backend, mode=mode, dynamic=False)
+
+
+def tracker_config(config: TrainConfig) -> dict:
+    """The settings as the trackers take them: flat, scalars only (TensorBoard's hparams refuse a
+    nested dict); the sampling settings as `sampling_<name>`, the model config left out."""
+    record = config_record(config)
+    sampling = {f"sampling_{k}": v for k, v in record.pop("sampling").items()}
+    record.pop("model")
+    return {**record, **sampling}
 
 
 def record_launch_settings(config: TrainConfig, accelerator: Accelerator) -> None:

@@ -240,3 +240,11 @@ def test_bad_input_found_past_the_flags_ends_in_one_line_not_a_traceback(tmp_pat
     assert done.returncode == 1
     assert "train_nano_dit.py: error: --batch-size 1000 is larger than the data (8 cached samples)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_trackers_get_flat_scalar_settings():
+    config = parse_config(["--guidance-scale", "2.5"])
+    tracked = train_nano_dit.tracker_config(config)
+    assert all(v is None or isinstance(v, (int, float, str, bool)) for v in tracked.values())  # TensorBoard's hparams
+    assert tracked["sampling_guidance_scale"] == 2.5 and tracked["batch_size"] == config.batch_size
+    assert tracked["sampling_batch_size"] == config.sampling.batch_size and "model" not in tracked
