@@ -321,4 +321,6 @@ def _load(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Ten
     """A cache file's tensors in the cache's dtype, on `device`."""
     if not path.exists():
         raise FileNotFoundError(f"feature cache file {path} is missing; run `nano-dit data encode` again")
-    return {name: as_cached(t) for name, t in load_file(path, device=str(device)).items()}
+    device = torch.device(device)  # safetensors names the host "cpu" only (a DDP rank on CPU has "cpu:0")
+    where = "cpu" if device.type == "cpu" else str(device)
+    return {name: as_cached(t) for name, t in load_file(path, device=where).items()}

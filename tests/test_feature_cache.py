@@ -133,7 +133,12 @@ def test_captions_past_the_text_window_are_counted_and_reported(tmp_path, stand_
 
 
 @pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+    "device",
+    [
+        "cpu",
+        "cpu:0",  # what a DDP rank on CPU is given
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")),
+    ],
 )
 def test_the_cache_loads_straight_to_a_device_and_its_size_is_known_before(tmp_path, stand_in_dir, device):
     from nano_dit.feature_cache import cache_nbytes
@@ -144,7 +149,7 @@ def test_the_cache_loads_straight_to_a_device_and_its_size_is_known_before(tmp_p
     _, there = load_cache(tmp_path / "cache", device=device)
     fields = ("latents", "text_embeds", "text_mask", "image_embeds", "image_tokens")
     for a, b in zip(host, there, strict=True):
-        assert all(getattr(b, f).device.type == device for f in fields)
+        assert all(getattr(b, f).device.type == torch.device(device).type for f in fields)
         assert all(torch.equal(getattr(a, f), getattr(b, f).cpu()) for f in fields)
     tensors = sum(getattr(b, f).nbytes for b in host for f in fields if f != "text_mask")
     # what the files hold: each caption once (unpadded), plus headers; the same order as in memory
