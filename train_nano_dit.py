@@ -184,7 +184,7 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
                 # Decided on the device, never read back here: a non-finite update reaches neither the
                 # weights, the optimizer's moments nor the EMA (nor so any checkpoint).
                 finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
-                optimizer_step(accelerator, optimizer, finite)
+                optimizer_step(optimizer, finite, accelerator.scaler)
                 lr_scheduler.step()
                 ema_step(ema, params, finite)
                 optimizer.zero_grad(set_to_none=True)

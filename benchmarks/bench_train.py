@@ -76,10 +76,6 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-class _NoAccelerator:
-    scaler = None  # no fp16 GradScaler: the guard's own device-side skip decides
-
-
 def make_step(args, batch: int, mode: str, device: torch.device):
     """One training step of `mode` ("eager", "compiled", "host sync", "unfused") at `batch`, and its
     FLOP count."""
@@ -106,7 +102,7 @@ def make_step(args, batch: int, mode: str, device: torch.device):
                 optimizer.step()
             ema_step(ema, params, finite)
         else:  # the trainer's guard: decided on the device
-            optimizer_step(_NoAccelerator, optimizer, finite)
+            optimizer_step(optimizer, finite)
             ema_step(ema, params, finite)
         optimizer.zero_grad(set_to_none=True)
 

@@ -20,18 +20,12 @@ from __future__ import annotations
 import torch
 
 
-def skips_on_device(accelerator, optimizer) -> bool:
-    """Whether `optimizer` can skip a step without a host sync: fused AdamW (`found_inf`), or any
-    optimizer under fp16's GradScaler (which skips overflowing steps itself)."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the optimizer
-    return accelerator.scaler is not None or getattr(inner, "_step_supports_amp_scaling", False)
-
-
-def optimizer_step(accelerator, optimizer, finite: torch.Tensor) -> None:
+def optimizer_step(optimizer, finite: torch.Tensor, scaler=None) -> None:
     """`optimizer.step()` where `finite` (0-d bool, on the device) is true; where false, the weights
-    and the optimizer's state stay as they were."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    if accelerator.scaler is not None:  # fp16: the scaler's own found_inf covers non-finite gradients
+    and the optimizer's state stay as they were. `scaler`: fp16's GradScaler (`accelerator.scaler`),
+    which then decides itself."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper holds the optimizer
+    if scaler is not None:  # fp16: the scaler's own found_inf covers non-finite gradients
         optimizer.step()
     elif getattr(inner, "_step_supports_amp_scaling", False):
         inner.found_inf = (~finite).to(torch.float32)  # read by the fused kernel, on the device
