@@ -709,16 +709,16 @@ class Validator:
     def _validate(self, step: int) -> None:
         config, start = self.config, time.perf_counter()
         self.writer.wait()  # the last validation's images (usually long written)
+        pipe = self.pipeline()  # the EMA weights of this step
         if self.metrics is None:  # the first validation loads the encoders and the metrics' networks
-            self.pipe = self.pipeline().to(self.accelerator.device)
+            pipe.to(self.accelerator.device)
             self.metrics = ImageMetrics(self.accelerator.device, config.lpips_backbone)
-            compile_for_sampling(self.pipe, config.compile_backend if config.compile else None)
-        self.ema.copy_to(self.pipe.transformer.parameters())
+            compile_for_sampling(pipe, config.compile_backend if config.compile else None)
         setup = time.perf_counter() - start
         self.folder = Path(config.output_dir) / "validation" / f"step{step:07d}"
         info = {"checkpoint": f"EMA weights at step {step}", "cfg_dropout_scheme": self.scheme}
         results = run_validation(
-            self.pipe, self.buckets, self.folder, self.metrics, config.sampling, step, info,
+            pipe, self.buckets, self.folder, self.metrics, config.sampling, step, info,
             seed=config.seed, mixed_precision=config.mixed_precision, writer=self.writer,
         )  # fmt: skip
         self.timings.note_validation(
