@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
 from nano_dit.encoders import ConditioningEncoders, EncoderSpec
+from nano_dit.hub import build_pipeline
 from nano_dit.pipelines import guidance_weights
 from nano_dit.pipelines.pipeline_nano_dit import MAX_SEQUENCE_LENGTH
 
@@ -298,16 +299,7 @@ def _short_window(stand_in_dir):
     spec = dataclasses.replace(EncoderSpec.stand_in(stand_in_dir), max_sequence_length=SHORT_WINDOW)
     encoders = ConditioningEncoders(spec, device="cpu")
     config = dict(TINY_CONFIG, in_channels=16, text_embed_dim=64, image_embed_dim=64, sample_size=4)
-    pipe = NanoDiTPipeline(
-        transformer=randomize_(NanoDiTTransformer2DModel(**config)).eval(),
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=encoders.vae,
-        text_encoder=encoders.text_encoder,
-        tokenizer=encoders.tokenizer,
-        image_encoder=encoders.image_encoder,
-        image_processor=encoders.image_processor,
-        max_sequence_length=SHORT_WINDOW,
-    )
+    pipe = build_pipeline(randomize_(NanoDiTTransformer2DModel(**config)).eval(), spec)  # as a run ships it
     pipe.set_progress_bar_config(disable=True)
     return encoders, pipe
 
