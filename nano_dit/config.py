@@ -254,10 +254,9 @@ class TrainConfig:
 
     def check(self) -> None:
         """Refuse a bad setting with a message naming its flag, before any work."""
-        for name in ("total_steps", "batch_size", "gradient_accumulation_steps", "resolution", "num_images"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
-        for name in ("log_every", "max_bad_steps", "checkpoint_every", "validation_every", "max_sequence_length"):
+        positive = ("total_steps", "batch_size", "gradient_accumulation_steps", "resolution", "num_images")
+        positive += ("log_every", "max_bad_steps", "checkpoint_every", "validation_every", "max_sequence_length")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         if self.peak_lr <= 0 or not 0 <= self.min_lr <= self.peak_lr:
