@@ -240,11 +240,20 @@ def export_run(
     if not config.push_to_hub:
         return None
     try:
-        url = pipe.push_to_hub(config.repo_id)
-    except Exception as err:  # offline, no connection, refused: the run is saved, say why and go on
-        return PushFailed.of(err, config.repo_id, final_dir)
+        url = push(pipe, config.repo_id, final_dir)
+    except PushFailed as failed:  # the run is saved: say why once the report is written
+        return failed
     print(f"pushed to the Hub: {url}")
     return None
+
+
+def push(pipe: NanoDiTPipeline, repo_id: str, local, private: bool | None = None) -> str:
+    """`pipe.push_to_hub(repo_id)`; any failure (offline, no connection, refused) becomes one
+    `PushFailed` line saying where the local copy is."""
+    try:
+        return pipe.push_to_hub(repo_id, private=private)
+    except Exception as err:
+        raise PushFailed.of(err, repo_id, local) from err
 
 
 def card_info(pipe: NanoDiTPipeline) -> dict | None:
@@ -275,10 +284,7 @@ def export(
             raise NotADirectoryError(f"--out {out} is a file; give a folder")
         save_aside(pipe.save_pretrained, out)  # written beside it, swapped in whole
     if repo_id is not None:
-        try:
-            pipe.push_to_hub(repo_id, private=private)
-        except Exception as err:  # offline, no connection, refused: one line, and where the pipeline is
-            raise PushFailed.of(err, repo_id, out if out is not None else checkpoint) from err
+        push(pipe, repo_id, out if out is not None else checkpoint, private)
     return Path(out) if out is not None else None
 
 
