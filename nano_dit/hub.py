@@ -84,6 +84,7 @@ def card_figures(results: dict) -> dict:
         "reconstruction_lpips": recon["mean_lpips"],
         "reconstruction_psnr": recon["mean_psnr"],
         "reconstruction_ssim": recon["mean_ssim"],
+        "dino_swap_transferred": swap.get("share_transferred"),
         "dino_swap_closer_to_b": swap.get("share_closer_to_b"),
         "dino_swap_sensitivity": swap.get("mean_sensitivity"),
         "text_sensitivity": manip.get("mean_sensitivity"),

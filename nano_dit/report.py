@@ -26,6 +26,13 @@ class Indicator:
     status: str
     value: str
     criterion: str
+    margin: str = ""  # how far the deciding figure lies past its line: + on the passing side, - short of it
+
+
+def past(value: float, line: float, higher_is_better: bool = True, unit: str = "") -> str:
+    """The signed distance of `value` past `line`, positive on the passing side."""
+    gap = value - line if higher_is_better else line - value
+    return f"{gap:+.3g}{unit}"
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -63,6 +70,7 @@ def evaluate(
                 status,
                 f"smoothed {start:.4f} → {end:.4f} ({ratio:.2f}×; lowest {low:.4f})",
                 f"ends ≤ {t.loss_drop}× its start and near its lowest; ≥ {t.loss_plateau}× is a plateau or rise",
+                past(ratio, t.loss_drop, higher_is_better=False, unit="×"),
             )
         )
     norms = [r.grad_norm for r in records if r.step > warmup_steps and r.grad_norm == r.grad_norm]
@@ -83,6 +91,7 @@ def evaluate(
                 FAIL if top > t.grad_explode else PASS,
                 f"max {top:.3g}",
                 f"max ≤ {t.grad_explode:g}",
+                past(top, t.grad_explode, higher_is_better=False),
             )
         )
         tail = statistics.median(norms[-max(len(norms) // 10, 1) :])
@@ -145,30 +154,46 @@ def _validation_indicators(results: dict, t: Thresholds) -> list[Indicator]:
                 FAIL if s < floor else PASS,
                 f"{distance} between outputs {s:.4g}",
                 f"≥ {floor:g} (below: identical regardless of the {condition})",
+                past(s, floor),
             )
         )
     out += _probe_indicators(results.get("model_probes"), t, floor, distance)
+    out += _mode_indicators((results.get("model_probes") or {}).get("modes"), t)
     swap = results["dino_swap"]
-    if "skipped" not in swap:
-        n, moved = len(swap["pairs"]), swap["share_moved_toward_b"]
+    if "skipped" not in swap and swap.get("share_transferred") is not None:
+        n, share = len(swap["pairs"]), swap["share_transferred"]
+        out.append(
+            Indicator(
+                "DINO swap takes B's scene, keeps A's shapes",
+                PASS if share >= t.swap_share else FAIL,
+                f"{round(share * n)} of {n} pairs (toward B's scene {swap['mean_scene_taken']:.2f}, "
+                f"A's shapes kept {swap['mean_shapes_kept']:.2f}, mean; 1 = exactly; "
+                f"{round(swap['share_closer_to_b'] * n)} of {n} closer to B than to A)",
+                f"≥ {t.swap_share:.0%} of pairs at least half-way on both, against the drawn target",
+                past(round(share * n), t.swap_share * n, unit=" pairs"),
+            )
+        )
+    elif "skipped" not in swap:  # no ground-truth layout (the user's own images): the pictures decide
+        n = len(swap["pairs"])
         out.append(
             Indicator(
                 "DINO swap transfers composition",
-                PASS if moved >= t.swap_share else WARN,
-                f"{round(moved * n)} of {n} outputs moved toward B ({round(swap['share_closer_to_b'] * n)} closer to B than to A)",
-                f"≥ {t.swap_share:.0%} moved toward B",
+                NA,
+                f"{round(swap['share_closer_to_b'] * n)} of {n} outputs closer to B than to A",
+                "no ground-truth layout to measure against: judge the sheet",
             )
         )
     manip = results["text_manip"]
     if "skipped" not in manip and manip.get("share_followed") is not None:
-        share = manip["share_followed"]
+        share, n = manip["share_followed"], len(manip["edits"])
         out.append(
             Indicator(
                 "Text edits followed",
-                PASS if share >= t.followed_share else WARN,
-                f"{round(share * len(manip['edits']))} of {len(manip['edits'])} moved toward the edited layout "
-                f"({round(manip['share_closer_to_target'] * len(manip['edits']))} nearer it than the original)",
-                f"≥ {t.followed_share:.0%} moved toward it",
+                PASS if share >= t.followed_share else FAIL,
+                f"{round(share * n)} of {n} edits drawn where the edit put them "
+                f"(toward the edited layout {manip['mean_toward_edit']:.2f}, mean; 1 = exactly)",
+                f"≥ {t.followed_share:.0%} at least half-way from the original picture to the edited one",
+                past(round(share * n), t.followed_share * n, unit=" edits"),
             )
         )
     return out
@@ -193,14 +218,55 @@ def _probe_indicators(probes: dict | None, t: Thresholds, floor: float, distance
             PASS if live else FAIL,
             value,
             f"≥ {low:g} relative, ≥ {floor:g} {distance} (below: dropping the conditions changes nothing)",
+            past(null_gap, low) + ("" if guided is None else f"; {past(guided, floor)}"),
         ),
         Indicator(
             names[1],
             PASS if sigma_gap >= low else FAIL,
             f"prediction for one x_σ told σ 0.25 vs 0.75: {sigma_gap:.3g} (relative)",
             f"≥ {low:g} (below: blind to the noise level)",
+            past(sigma_gap, low),
         ),
     ]
+
+
+MODE_NAMES = {"both": "both", "text": "text only", "image": "image only", "none": "none"}
+
+
+def _mode_indicators(modes: dict | None, t: Thresholds) -> list[Indicator]:
+    """Every CFG mode the dropout trains: its predictions near that mode's ideal, its samples
+    showing what the mode was given."""
+    if modes is None:
+        return [Indicator("Each CFG mode learned", NA, "not recorded by this validation", "")]
+    errors = {m: p["relative_error"] for m, p in modes["predictions"].items() if p["relative_error"] is not None}
+    if not errors:
+        return [Indicator("Each CFG mode learned (predictions)", NA, "the modes' ideals coincide on this data", "")]
+    worst = max(errors, key=errors.get)
+    out = [
+        Indicator(
+            "Each CFG mode learned (predictions)",
+            PASS if errors[worst] <= t.mode_error else FAIL,
+            "; ".join(f"{MODE_NAMES[m]} {e:.2f}" for m, e in errors.items())
+            + f" (distance of the mode's x0 prediction to its ideal, over the distance a mode never learned would be; "
+            f"σ {', '.join(map(str, modes['sigmas']))})",
+            f"each ≤ {t.mode_error:g}: more than half-way from a never-learned mode to the ideal",
+            past(errors[worst], t.mode_error, higher_is_better=False) + f" ({MODE_NAMES[worst]})",
+        )
+    ]
+    drawn = modes.get("samples_drawn")
+    if drawn:
+        shares = {m: f["share_drawn"] for m, f in drawn.items() if f["share_drawn"] is not None}
+        what = {"text": "the captioned shapes", "image": "the image's own scene"}
+        out.append(
+            Indicator(
+                "Each CFG mode learned (samples)",
+                PASS if shares and min(shares.values()) >= t.mode_sample_share else FAIL,
+                "; ".join(f"{MODE_NAMES[m]}: {s:.0%} of samples draw {what[m]}" for m, s in shares.items()),
+                f"≥ {t.mode_sample_share:.0%} each, at least half-way toward the truth",
+                past(min(shares.values()), t.mode_sample_share) if shares else "",
+            )
+        )
+    return out
 
 
 RECONSTRUCTION_FIGURES = {
@@ -212,7 +278,7 @@ RECONSTRUCTION_FIGURES = {
 
 def _reconstruction(recon: dict, t: Thresholds) -> Indicator:
     """The mean reconstruction distance that decides (see `Thresholds.decide_on`), with the
-    others beside it."""
+    others beside it; with `memorised_share` set, the share of images each memorised decides."""
     have = [k for k in ("lpips", "stlpips") if recon.get(f"mean_{k}") is not None]
     metric = t.decide_on if t.decide_on in have else (have or ["psnr"])[0]
     value = recon[f"mean_{metric}"]
@@ -227,12 +293,29 @@ def _reconstruction(recon: dict, t: Thresholds) -> Indicator:
         good, bad = value > t.psnr_success, value < t.psnr_failure
         criterion = f"> {t.psnr_success:g} dB memorised, < {t.psnr_failure:g} dB failed"
         name += " (no perceptual metric recorded)"
+        return Indicator(
+            f"Reconstruction {name}", PASS if good else FAIL if bad else WARN, f"mean {fmt.format(value)}", criterion
+        )
+    success, failure = getattr(t, f"{metric}_success"), getattr(t, f"{metric}_failure")
+    bad = value > failure
+    if t.memorised_share is None:
+        good, shown = value < success, f"mean {fmt.format(value)} ({', '.join(others)})"
+        criterion = f"mean < {success:g} memorised, > {failure:g} failed"
+        margin = past(value, success, higher_is_better=False)
     else:
-        success, failure = getattr(t, f"{metric}_success"), getattr(t, f"{metric}_failure")
-        good, bad = value < success, value > failure
-        criterion = f"< {success:g} memorised, > {failure:g} failed"
-    status = PASS if good else FAIL if bad else WARN
-    return Indicator(f"Reconstruction {name}", status, f"mean {fmt.format(value)} ({', '.join(others)})", criterion)
+        per_image = recon["per_image"]
+        memorised = [p[metric] <= success and (t.min_psnr is None or p["psnr"] >= t.min_psnr) for p in per_image]
+        share = sum(memorised) / len(per_image)
+        good = share >= t.memorised_share
+        shown = (
+            f"{sum(memorised)} of {len(per_image)} images memorised; mean {fmt.format(value)} ({', '.join(others)})"
+        )
+        line = f"{name} ≤ {success:g}" + (f" and PSNR ≥ {t.min_psnr:g} dB" if t.min_psnr is not None else "")
+        criterion = f"≥ {t.memorised_share:.0%} of images with {line} memorised; mean {name} > {failure:g} failed"
+        margin = past(sum(memorised), t.memorised_share * len(per_image), unit=" images")
+    status = PASS if good and not bad else FAIL if bad else WARN
+    said = {PASS: "memorised", WARN: "NOT memorised", FAIL: "failed"}[status]
+    return Indicator(f"Reconstruction {name}", status, f"{said}: {shown}", criterion, margin)
 
 
 def verdict(indicators: list[Indicator]) -> tuple[str, list[str]]:
@@ -242,7 +325,9 @@ def verdict(indicators: list[Indicator]) -> tuple[str, list[str]]:
     if not failed and recon is not None and recon.status == PASS:
         return "GO", [f"{i.name}: {i.value} (warning)" for i in indicators if i.status == WARN]
     if not failed:
-        failed = [f"{recon.name} not yet conclusive: {recon.value}" if recon else "no validation ran"]
+        failed = [
+            f"{recon.name}: the run did not memorise its images ({recon.value})" if recon else "no validation ran"
+        ]
     return "NO-GO", failed
 
 
@@ -301,9 +386,9 @@ def _markdown(step, folder: Path | None, run_dir: Path, results, indicators, dec
         ]
     lines += [f"- {r}" for r in reasons] + ([""] if reasons else [])
     table = [
-        "| | indicator | value | criterion |",
-        "| --- | --- | --- | --- |",
-        *[f"| {MARK[i.status]} | {i.name} | {i.value} | {i.criterion} |" for i in indicators],
+        "| | indicator | value | criterion | margin |",
+        "| --- | --- | --- | --- | --- |",
+        *[f"| {MARK[i.status]} | {i.name} | {i.value} | {i.criterion} | {i.margin} |" for i in indicators],
         "",
         "![loss, gradient norm and the validation figures over the steps](validation/summary.png)",
         "",
@@ -379,13 +464,13 @@ def plot_summary(records: list[LogRecord], history: list[dict], path: Path, thre
         if all(y is not None for y in ys):
             ax.plot(vsteps, ys, "o-", label=label)
     ax2 = ax.twinx()
-    ax2.plot(
-        vsteps,
-        [h["dino_swap"].get("share_closer_to_b") for h in history],
-        "s--",
-        color="gray",
-        label="swap: share closer to B",
-    )
+    for (test, key), label, color in (
+        (("dino_swap", "share_transferred"), "swap: pairs transferred", "gray"),
+        (("text_manip", "share_followed"), "edits: share followed", "black"),
+    ):
+        ys = [h[test].get(key) for h in history]
+        if all(y is not None for y in ys):
+            ax2.plot(vsteps, ys, "s--", color=color, label=label)
     ax2.set_ylim(-0.05, 1.05)
     ax.set(title="conditioning", xlabel="step")
     ax.legend(loc="upper left")

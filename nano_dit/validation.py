@@ -9,15 +9,18 @@
 1. **Reconstruction**: ST-LPIPS (shift-tolerant LPIPS, pretrained weights shipped with its
    wheel), LPIPS (the `lpips` package, AlexNet), PSNR and SSIM of each output to its ground truth,
    and the outputs' mean and spread against the data's (a mean-gray or collapsed model shows there).
-2. **DINO swap**: the distance of each swapped output to B and to A, the share of pairs closer to
-   B, the share that moved toward B (closer to B than A's own output from the same noise was),
-   and the sensitivity: the distance to A's own output.
-3. **Text manipulation**: the sensitivity (edited vs unedited output, same noise; the validation plan quotes
-   0.64 LPIPS for a broken run) and, where the data has a ground-truth layout (the synthetic set),
-   whether the output follows the edit: the edited layout, drawn, is nearer the edited output than
-   the unedited one (and whether it is nearer the edited layout than the original image).
+2. **DINO swap**: the distance of each swapped output to B and to A, the share closer to B, and
+   the sensitivity (the distance to A's own output). Where the data records its layouts (the
+   synthetic set), the swap is measured against the picture it should give, A's shapes on B's
+   scene (`nano_dit.ground_truth`): how far the output went from A's scene toward B's, and from
+   B's bare scene toward A's shapes; a pair counts when both are at least half-way.
+3. **Text manipulation**: the sensitivity (edited vs unedited output, same noise; the validation
+   plan quotes 0.64 LPIPS for a broken run) and, with a ground-truth layout, how far the output
+   went from the original picture toward the edited layout, drawn: read where the two differ, so
+   the edited object must be found where the edit put it (and be gone from where it was); an edit
+   counts when it went at least half-way.
 
-Beside the three tests, two **model probes** measure parts of the design on the model itself
+Beside the three tests, three **model probes** measure parts of the design on the model itself
 (a few forwards of the transformer on cached features; no indicator reads the config):
 
 - *null conditions learned, guidance live*: for the same x_σ, σ and conditions, the prediction
@@ -26,13 +29,17 @@ Beside the three tests, two **model probes** measure parts of the design on the 
   masks are ignored gives identical predictions, and guidance then changes nothing.
 - *uses the noise level*: the prediction for one x_σ, told σ = 0.25 and then σ = 0.75. A model
   blind to the timestep gives the same prediction.
+- *each CFG mode learned* (`_mode_probes`): every mode's x0 prediction against the best one
+  possible for what that mode is given (the exact posterior mean over the cached set), relative to
+  what a model that never learned the mode would give; and, with ground-truth layouts, the
+  text-only samples showing the captioned shapes and the image-only samples the image's scene.
 
 All sampling starts from cached features (no image or caption is encoded again, except the edited
 captions), batched across images and CFG branches, from seeded noise that belongs to each sample,
 so a figure does not depend on the batch size. The ground truth is the cached latents decoded by
 the VAE (the pixels themselves in pixel mode): the figures measure the transformer, not the VAE.
 
-"Closer to" and the sensitivities are ST-LPIPS distances. LPIPS needs AlexNet weights that
+"Closer to" and the sensitivities are ST-LPIPS distances; the layout measures are in pixels. LPIPS needs AlexNet weights that
 torchvision downloads once: where they are neither cached nor reachable, the results say so
 (`"lpips": null` and the reason), ST-LPIPS decides, and no LPIPS figure is made up.
 """
@@ -54,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import ground_truth
 from .checkpointing import checkpoint_name
 from .config import SamplingConfig, TrainConfig
 from .encoders import images_to_tensor
@@ -63,9 +71,10 @@ from .hub import build_pipeline, card_figures, card_info, load_pipeline, recorde
 from .offline import network_attempt, unreachable
 from .perceptual import ShiftTolerantLPIPS
 from .pipelines import guidance_weights
+from .pipelines.pipeline_nano_dit import BRANCHES
 from .report import write_report
 from .sheets import contact_sheet
-from .synthetic import COLORS, POSITIONS, SHAPES, Layout, ShapeSpec, render
+from .synthetic import EDIT_KINDS, Layout, edit_layout, render
 from .timings import PhaseTimer, phase
 from .transformer_nano_dit import NanoDiTTransformer2DModel
 
@@ -237,7 +246,6 @@ class Edit:
 
 
 WORD_SWAPS = [("left", "right"), ("top", "bottom"), ("sitting", "standing"), ("red", "blue"), ("green", "purple")]
-EDIT_KINDS = ("mirror left-right", "color", "mirror top-bottom", "shape")
 
 
 def swap_pairs(bucket: CachedBucket, n: int = 5) -> list[tuple[int, int]]:
@@ -251,29 +259,32 @@ def caption_edits(bucket: CachedBucket, n: int = 5) -> list[Edit]:
     With a synthetic layout (`meta["objects"]`), the edit is made to the layout (left ↔ right,
     top ↔ bottom, another colour, another shape) and the caption is the layout's own, so the
     edited image is known. Other captions get word swaps ("left" ↔ "right", "sitting" ↔
-    "standing", colours) and no target.
+    "standing", colours) and no target. Edits whose caption the set holds (on its other
+    samples) come first: an overfit model is asked to recombine what it learned, the caption of
+    one sample with the image of another, as the DINO swap asks of the embedding; an edit to a
+    caption it never saw asks for a generalisation that 100 images cannot be expected to teach.
     """
+    known = set(bucket.captions)
     edits, used = [], set()
-    for attempt in range(4 * n * len(EDIT_KINDS)):  # a kind that fits no sample is skipped
-        if len(edits) == n:
-            break
-        kind = EDIT_KINDS[attempt % len(EDIT_KINDS)]
-        for i in (j for j in range(len(bucket)) if j not in used):
-            edit = _edit_sample(bucket, i, kind)
-            if edit is not None:
-                edits.append(edit)
-                used.add(i)
+    for in_set in (True, False):
+        for attempt in range(4 * n * len(EDIT_KINDS)):  # a kind that fits no sample is skipped
+            if len(edits) == n:
                 break
+            kind = EDIT_KINDS[attempt % len(EDIT_KINDS)]
+            for i in (j for j in range(len(bucket)) if j not in used):
+                edit = _edit_sample(bucket, i, kind)
+                if edit is not None and (edit.edited in known) == in_set:
+                    edits.append(edit)
+                    used.add(i)
+                    break
     return edits
 
 
 def _edit_sample(bucket: CachedBucket, i: int, kind: str) -> Edit | None:
     caption, meta = bucket.captions[i], bucket.meta[i] or {}
     if "objects" in meta:
-        layout = Layout(
-            [ShapeSpec(**{**o, "center": tuple(o["center"])}) for o in meta["objects"]], meta["background"]
-        )
-        edited = _edit_layout(layout, kind)
+        layout = Layout.from_json(meta)
+        edited = edit_layout(layout, kind)
         if edited is None:
             return None
         return Edit(i, kind, caption, edited.caption, render(edited, bucket.bucket[0]))
@@ -281,29 +292,6 @@ def _edit_sample(bucket: CachedBucket, i: int, kind: str) -> Edit | None:
         for old, new in ((a, b), (b, a)):
             if re.search(rf"\b{old}\b", caption):
                 return Edit(i, f"{old} -> {new}", caption, re.sub(rf"\b{old}\b", new, caption))
-    return None
-
-
-def _edit_layout(layout: Layout, kind: str) -> Layout | None:
-    """The layout with one attribute of one object changed, or None when `kind` does not apply."""
-    cells = {o.position for o in layout.objects}
-    for n, o in enumerate(layout.objects):
-        changed = None
-        if kind.startswith("mirror"):
-            col, row = POSITIONS[o.position]
-            col, row = (2 - col, row) if kind == "mirror left-right" else (col, 2 - row)
-            position = next(name for name, cell in POSITIONS.items() if cell == (col, row))
-            if position != o.position and position not in cells:
-                changed = ShapeSpec(o.shape, o.color, o.size, position, ((col + 0.5) / 3, (row + 0.5) / 3), o.radius)
-        elif kind == "color":
-            taken = {x.color for x in layout.objects}
-            color = next(c for c in COLORS if c not in taken)
-            changed = ShapeSpec(o.shape, color, o.size, o.position, o.center, o.radius)
-        elif kind == "shape":
-            shape = SHAPES[(SHAPES.index(o.shape) + 1) % len(SHAPES)]
-            changed = ShapeSpec(shape, o.color, o.size, o.position, o.center, o.radius)
-        if changed is not None:
-            return Layout(layout.objects[:n] + [changed] + layout.objects[n + 1 :], layout.background)
     return None
 
 
@@ -470,6 +458,9 @@ def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info:
     results["model_probes"] = _model_probes(
         pipe, buckets[main], recon[main], noise_of[main], metrics, sampling, precision
     )
+    results["model_probes"]["modes"] = _mode_probes(
+        pipe, buckets[main], truth[main], noise_of[main], metrics, precision, sampling.num_inference_steps
+    )
     return results
 
 
@@ -525,6 +516,134 @@ def _model_probes(pipe, bucket, recon, noise, metrics, sampling, precision) -> d
     }
 
 
+# The noise levels the mode probe may use; it keeps those where the modes' ideals differ (`mode_sigmas`).
+MODE_SIGMA_GRID = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99)
+MODE_SAMPLES = 16  # per mode, from the largest bucket
+MODE_GUIDANCE = {"text": (1.0, 0.0), "image": (0.0, 1.0), "none": (0.0, 0.0)}  # independent form: one branch
+
+
+def ideal_x0(x_t: torch.Tensor, sigma: float, candidates: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The best possible x0 prediction for each row of `x_t` `(B, C, H, W)`: the mean of the
+    training targets `candidates` `(N, C, H, W)` that the row's mode allows (`allowed` `(B, N)`
+    bool), weighted by how likely each is to have produced x_σ = (1 − σ)·x0 + σ·ε. For training
+    data drawn uniformly from the set, this is exactly what the flow-matching loss of that mode is
+    minimised by (its x0 = x_σ − σ·v)."""
+    weights = _posterior(x_t, sigma, candidates, allowed)  # (B, N)
+    return (weights @ candidates.flatten(1).double()).float().view_as(x_t)
+
+
+def mode_sigmas(x0: torch.Tensor, eps: torch.Tensor, candidates: torch.Tensor) -> list[float]:
+    """The σ of `MODE_SIGMA_GRID` at which the modes' ideals differ: where x_σ leaves the null
+    mode's ideal spread over at least 2 samples (below, x_σ alone gives its x0 away and every mode's
+    ideal is the same) and at most half the set (above, x_σ says next to nothing of its sample).
+    Where no σ of the grid does, the one whose spread is nearest that range."""
+    every = torch.ones(len(x0), len(candidates), dtype=torch.bool, device=x0.device)
+    spread = {}
+    for sigma in MODE_SIGMA_GRID:
+        x_t = add_noise(x0, eps, torch.full((len(x0),), sigma, device=x0.device))
+        weights = _posterior(x_t, sigma, candidates, every)
+        spread[sigma] = (1 / weights.pow(2).sum(1)).mean().item()  # effective number of samples
+    low, high = 2.0, max(len(candidates) / 2, 2.0)
+    kept = [s for s, n in spread.items() if low <= n <= high]
+    return kept or [min(spread, key=lambda s: min(abs(spread[s] - low), abs(spread[s] - high)))]
+
+
+def _posterior(x_t: torch.Tensor, sigma: float, candidates: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """`(B, N)`: how likely each allowed candidate x0 is to have produced each row's x_σ."""
+    scaled = (1 - sigma) * candidates.flatten(1)  # (N, D)
+    exact = "donot_use_mm_for_euclid_dist"  # (the matrix-product shortcut loses the small distances)
+    logits = -torch.cdist(x_t.flatten(1).double(), scaled.double(), compute_mode=exact).pow(2) / (2 * sigma**2)
+    return torch.softmax(logits.masked_fill(~allowed, -torch.inf), dim=1)
+
+
+def _mode_probes(pipe, bucket, truth, noise, metrics, precision, num_inference_steps: int) -> dict:
+    """Each CFG mode the dropout trains, measured as learned (the module docstring's third probe).
+
+    Predictions: at the σ where the modes differ (`mode_sigmas`), each mode's x0 prediction against that mode's ideal one
+    (`ideal_x0`: the caption alone allows every sample with the same caption, the image alone every
+    sample with the same embedding, nothing allows all). The figure is the distance to the mode's
+    own ideal over the distance from that ideal to what a model that never learned the mode would
+    give: for a conditioned mode, the ideal with nothing known (its conditions unused); for the
+    null mode, the fully conditioned one (its drop masks unused). 0 is the ideal; 1 is no better
+    than that model; below 0.5, the mode lands nearer its own ideal than half-way.
+
+    Samples (on a set with ground-truth layouts): the text-only mode's samples should show the
+    captioned shapes (from the bare scene toward the original, read on the shapes), the image-only
+    mode's the sample's own scene (from the same shapes on another scene toward the original).
+    """
+    model, device = pipe.transformer, pipe.device
+    rows = list(range(min(MODE_SAMPLES, len(bucket))))
+    x0_all = bucket.latents.float().to(device)  # (N, C, h, w): every candidate
+    x0, eps = x0_all[rows], noise[rows].float().to(device)
+    same_text = torch.tensor([[bucket.captions[i] == c for c in bucket.captions] for i in rows], device=device)
+    embeds = bucket.image_embeds.flatten(1)
+    same_image = torch.tensor([[torch.equal(embeds[i], e) for e in embeds] for i in rows], device=device)
+    allowed = {
+        "both": same_text & same_image,
+        "text": same_text,
+        "image": same_image,
+        "none": torch.ones_like(same_text),
+    }
+    cond = {
+        "encoder_hidden_states": bucket.text_embeds[rows].to(device),
+        "encoder_attention_mask": bucket.text_mask[rows].to(device),
+        "image_embeds": bucket.image_embeds[rows].to(device),
+    }
+    sigmas = mode_sigmas(x0, eps, x0_all)
+    error = dict.fromkeys(allowed, 0.0)  # squared distance of each mode's prediction to its ideal, pooled
+    apart = {m: dict.fromkeys(allowed, 0.0) for m in allowed}  # squared distances between the ideals, pooled
+    with torch.inference_mode(), phase("sampling"), _autocast(pipe, precision):
+        for sigma in sigmas:
+            x_t = add_noise(x0, eps, torch.full((len(rows),), sigma, device=device))
+            t = torch.full((len(rows),), sigma * TIMESTEP_SCALE, device=device)
+            ideal = {m: ideal_x0(x_t, sigma, x0_all, allowed[m]) for m in allowed}
+            for mode, (drop_text, drop_image) in BRANCHES.items():
+                masks = {
+                    "drop_text": torch.full((len(rows),), drop_text, device=device),
+                    "drop_image": torch.full((len(rows),), drop_image, device=device),
+                }
+                v = model(x_t, t, **cond, **masks).sample.float()
+                error[mode] += (x_t - sigma * v - ideal[mode]).pow(2).sum().item()
+                for other in allowed:
+                    apart[mode][other] += (ideal[other] - ideal[mode]).pow(2).sum().item()
+    predictions = {}
+    for mode in allowed:
+        reference = "both" if mode == "none" else "none"  # what a model that never learned this mode predicts
+        gap = apart[mode][reference]
+        predictions[mode] = {
+            "relative_error": (error[mode] / gap) ** 0.5 if gap > 0 else None,
+            "against": reference,
+        }
+    out = {"samples": len(rows), "sigmas": sigmas, "predictions": predictions, "samples_drawn": None}
+    layouts = [_layout_of(bucket, i) for i in rows]
+    if all(layout is not None for layout in layouts) and len(rows) > 1:
+        out["samples_drawn"] = _mode_samples(pipe, bucket, rows, layouts, truth, noise, precision, num_inference_steps)
+    return out
+
+
+def _mode_samples(pipe, bucket, rows, layouts, truth, noise, precision, num_inference_steps: int) -> dict:
+    """Unguided samples of the text-only and image-only modes, measured on the ground-truth layouts."""
+    side = truth.shape[-1]
+    figures = {}
+    for mode, (text_scale, image_scale) in MODE_GUIDANCE.items():
+        if mode == "none":
+            continue
+        sampling = SamplingConfig(num_inference_steps, text_scale, image_scale, "independent", batch_size=len(rows))
+        images = generate(pipe, bucket, rows, noise, sampling, precision)
+        if mode == "text":  # the captioned shapes, on whatever scene: bare scene -> original, read on the shapes
+            source = torch.stack([ground_truth.scene_alone(layout, side) for layout in layouts])
+        else:  # its own scene: the same shapes on the next sample's scene -> original, read on the scene
+            others = [layouts[(k + 1) % len(layouts)].scene for k in range(len(layouts))]
+            source = _drawn([Layout(layout.objects, scene) for layout, scene in zip(layouts, others)], side)
+        went = ground_truth.toward(images, source, truth[rows])
+        known = went[~went.isnan()]
+        figures[mode] = {
+            "toward_truth": known.tolist(),
+            "share_drawn": (known >= ground_truth.HALF_WAY).float().mean().item() if len(known) else None,
+        }
+    return figures
+
+
 def _reconstruction_summary(per_image: list[dict], recon: dict, truth: dict) -> dict:
     """Means over every image of every bucket (buckets differ in size: pixels are pooled flat)."""
     outputs = torch.cat([t.flatten() for t in recon.values()])
@@ -545,6 +664,16 @@ def _reconstruction_summary(per_image: list[dict], recon: dict, truth: dict) -> 
     }
 
 
+def _layout_of(bucket: CachedBucket, i: int) -> Layout | None:
+    """Sample `i`'s ground-truth layout (the synthetic set records one), else None."""
+    meta = bucket.meta[i] or {}
+    return Layout.from_json(meta) if "objects" in meta and "scene" in meta else None
+
+
+def _drawn(layouts: list[Layout], side: int) -> torch.Tensor:
+    return torch.stack([ground_truth.drawn(layout, side) for layout in layouts])
+
+
 def _dino_swap(pipe, bucket, recon, truth, noise, metrics, sampling, precision, out_dir) -> dict:
     pairs = swap_pairs(bucket, sampling.num_pairs)
     if not pairs:
@@ -552,21 +681,25 @@ def _dino_swap(pipe, bucket, recon, truth, noise, metrics, sampling, precision, 
     a, b = [p[0] for p in pairs], [p[1] for p in pairs]
     swapped = generate(pipe, bucket, a, noise, sampling, precision, image_rows=b)  # A's caption and noise, B's DINOv3
     to_a, to_b = metrics.distance(swapped, truth[a]), metrics.distance(swapped, truth[b])
-    own_to_b = metrics.distance(recon[a], truth[b])  # where A's own output stood
     sensitivity = metrics.distance(swapped, recon[a])
+    layouts = [(_layout_of(bucket, i), _layout_of(bucket, j)) for i, j in pairs]
+    measured = all(la is not None and lb is not None for la, lb in layouts)
+    if measured:  # what the swap should draw: A's shapes on B's scene
+        side = truth.shape[-1]
+        expected = _drawn([ground_truth.swapped(la, lb) for la, lb in layouts], side)
+        scene_taken = ground_truth.toward(swapped, truth[a], expected)  # A's scene -> B's, around A's shapes
+        bare = torch.stack([ground_truth.scene_alone(lb, side) for _, lb in layouts])
+        shapes_kept = ground_truth.toward(swapped, bare, expected)  # B's bare scene -> A's shapes on it
     records, cells, captions = [], [], []
     for n, (i, j) in enumerate(pairs):
-        records.append(
-            {
-                "a": bucket.keys[i],
-                "b": bucket.keys[j],
-                "distance_to_a": to_a[n].item(),
-                "distance_to_b": to_b[n].item(),
-                "closer_to_b": bool(to_b[n] < to_a[n]),
-                "moved_toward_b": bool(to_b[n] < own_to_b[n]),
-                "sensitivity": sensitivity[n].item(),
-            }
-        )
+        record = {
+            "a": bucket.keys[i],
+            "b": bucket.keys[j],
+            "distance_to_a": to_a[n].item(),
+            "distance_to_b": to_b[n].item(),
+            "closer_to_b": bool(to_b[n] < to_a[n]),
+            "sensitivity": sensitivity[n].item(),
+        }
         _save(swapped[n], out_dir / "dino_swap" / f"pair{n}_{bucket.keys[i]}_{bucket.keys[j]}.png")
         cells += [truth[i], truth[j], recon[i], swapped[n]]
         captions += [
@@ -575,13 +708,30 @@ def _dino_swap(pipe, bucket, recon, truth, noise, metrics, sampling, precision, 
             "A's caption + A's DINO",
             "A's caption + B's DINO",
         ]
-    _sheet(cells, captions, out_dir / "dino_swap" / "sheet.png")
-    return {
+        if measured:
+            record.update(scene_taken=scene_taken[n].item(), shapes_kept=shapes_kept[n].item())
+            record["transferred"] = bool(
+                scene_taken[n] >= ground_truth.HALF_WAY and shapes_kept[n] >= ground_truth.HALF_WAY
+            )
+            cells.append(expected[n])
+            captions.append(
+                f"target: A's shapes on B's scene (scene {scene_taken[n]:.2f}, shapes {shapes_kept[n]:.2f})"
+            )
+        records.append(record)
+    _sheet(cells, captions, out_dir / "dino_swap" / "sheet.png", columns=5 if measured else 4)
+    summary = {
         "pairs": records,
         "share_closer_to_b": sum(r["closer_to_b"] for r in records) / len(records),
-        "share_moved_toward_b": sum(r["moved_toward_b"] for r in records) / len(records),
         "mean_sensitivity": sensitivity.mean().item(),
+        "share_transferred": None,
     }
+    if measured:
+        summary.update(
+            share_transferred=sum(r["transferred"] for r in records) / len(records),
+            mean_scene_taken=scene_taken.mean().item(),
+            mean_shapes_kept=shapes_kept.mean().item(),
+        )
+    return summary
 
 
 def _text_manip(pipe, bucket, recon, truth, noise, metrics, sampling, precision, out_dir) -> dict:
@@ -602,24 +752,21 @@ def _text_manip(pipe, bucket, recon, truth, noise, metrics, sampling, precision,
         captions += [f"original: {e.caption}", "generated from the original caption", f"edited: {e.edited}"]
         if e.target is not None:
             target = (images_to_tensor([e.target])[0] + 1) / 2  # (3, H, W) in [0, 1]
-            to_target = metrics.distance(edited[n : n + 1], target[None]).item()
-            to_original = metrics.distance(edited[n : n + 1], truth[e.index : e.index + 1]).item()
-            before = metrics.distance(recon[e.index : e.index + 1], target[None]).item()  # unedited output
-            record.update(distance_to_target=to_target, distance_to_original=to_original)
-            record["closer_to_target"] = to_target < to_original
-            record["followed"] = to_target < before  # the edit moved the output toward the edited layout
+            # From the original picture toward the edited one, read where they differ: the object
+            # found where the edit put it (and gone from where it was), in its edited colour and kind.
+            went = ground_truth.toward(edited[n : n + 1], truth[e.index : e.index + 1], target[None]).item()
+            record.update(toward_edit=went, followed=went >= ground_truth.HALF_WAY)
             cells.append(target)
-            captions.append("the edited layout, drawn")
+            captions.append(f"the edited layout, drawn (reached {went:.2f})")
         records.append(record)
         _save(edited[n], out_dir / "text_manip" / f"edit{n}_{bucket.keys[e.index]}.png")
     _sheet(cells, captions, out_dir / "text_manip" / "sheet.png", columns=4 if edits[0].target is not None else 3)
-    followed = [r["followed"] for r in records if "followed" in r]
-    closer = [r["closer_to_target"] for r in records if "closer_to_target" in r]
+    followed = [r for r in records if "followed" in r]
     return {
         "edits": records,
         "mean_sensitivity": sensitivity.mean().item(),
-        "share_followed": sum(followed) / len(followed) if followed else None,
-        "share_closer_to_target": sum(closer) / len(closer) if closer else None,
+        "share_followed": sum(r["followed"] for r in followed) / len(followed) if followed else None,
+        "mean_toward_edit": sum(r["toward_edit"] for r in followed) / len(followed) if followed else None,
     }
 
 

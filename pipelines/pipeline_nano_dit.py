@@ -45,7 +45,7 @@ EXAMPLE_DOC_STRING = """
 
         >>> pipe = NanoDiTPipeline.from_pretrained("runs/demo/checkpoints/checkpoint_final")
         >>> reference = PIL.Image.open("reference.png")
-        >>> image = pipe("a red circle on the left, blue background", image=reference).images[0]
+        >>> image = pipe("a small red circle on the left", image=reference).images[0]
 
         >>> # Without this package installed, the same folder or Hub repo loads through its own code:
         >>> from diffusers import DiffusionPipeline

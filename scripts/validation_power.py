@@ -9,7 +9,8 @@ which go / no-go indicators fire.
 Faults: the text ignored and the DINOv3 embedding ignored (the model's input zeroed in every
 forward, as a wiring bug would), the CFG drop masks ignored wherever a condition is given (the
 null conditions never learned), the timestep replaced by a constant (a model blind to the noise
-level), the plan's old independent-Bernoulli CFG dropout, and a learning rate that diverges. The
+level), the plan's old independent-Bernoulli CFG dropout, a learning rate that diverges, and a CFG
+mode (text only, image only) that the dropout never draws, so the model never learns it. The
 breaks are made here, from outside the package (`broken`: a forward pre-hook on every model built,
 or the old dropout in place of the exclusive one); the package itself carries no fault switch. Each run validates once, at its last step. Prints the fault × indicator table
 (markdown) and writes it to runs/validation_power/table.md. Offline, CPU: about 4 minutes a run
@@ -37,6 +38,9 @@ RUNS = {  # run name -> (the fault it carries, extra trainer flags)
     "cfg-masks-ignored": ("cfg-masks-ignored", []),
     "timestep-constant": ("timestep-constant", []),
     "diverging-lr": (None, ["--peak-lr", "0.05"]),
+    # a CFG mode the dropout never draws: the model never learns it
+    "text-only-never-trained": (None, ["--p-both", "0.8", "--p-text-only", "0"]),
+    "image-only-never-trained": (None, ["--p-both", "0.8", "--p-image-only", "0"]),
 }
 
 
@@ -185,7 +189,8 @@ def _table(rows: dict) -> str:
         cells = []
         for r in rows.values():
             i = r["indicators"].get(n)
-            cells.append("–" if i is None else f"{SHORT[i['status']]} ({i['value'].split(' (')[0]})")
+            margin = f"; margin {i['margin']}" if i and i.get("margin") else ""
+            cells.append("–" if i is None else f"{SHORT[i['status']]} ({i['value'].split(' (')[0]}{margin})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("| **verdict** | " + " | ".join(f"**{r['verdict']}**" for r in rows.values()) + " |")
     return "\n".join(lines)

@@ -60,7 +60,7 @@ def test_vae_latents_apply_the_flux_shift_and_scale(encoders):
 def test_the_text_window_cuts_captions_and_counts_the_cut_ones(stand_in_dir):
     spec = dataclasses.replace(EncoderSpec.stand_in(stand_in_dir), max_sequence_length=4)
     encoders = ConditioningEncoders(spec, device="cpu")
-    captions = ["a small red circle on the left, on a plain black background", "a square"]
+    captions = ["a small red circle on the left and a large blue square at the top", "a square"]
     embeds, mask = encoders.encode_text(captions)
     assert mask.shape == (2, 4) and embeds.shape[:2] == (2, 4)
     assert mask.tolist()[1] == [1, 1, 1, 0]  # "a square" and its EOS fit; the first caption is cut

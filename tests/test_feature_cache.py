@@ -38,7 +38,8 @@ def test_round_trip_synth_shards_cache_with_the_vae(tmp_path, stand_in_dir):
     write_shards(synthetic_samples(10, 32), tmp_path / "shards", samples_per_shard=4)
     spec = EncoderSpec.stand_in(stand_in_dir)
     report = _encode(tmp_path / "shards", tmp_path / "cache", spec)
-    assert report.encoded == {"latents": 10, "text": 10, "image": 10} and report.stand_in
+    # each caption is drawn on two scenes: 5 captions to encode for 10 images
+    assert report.encoded == {"latents": 10, "text": 5, "image": 10} and report.stand_in
 
     manifest, (bucket,) = load_cache(tmp_path / "cache")
     assert manifest["encoders"]["stand_in"] is True and bucket.bucket == (32, 32)
@@ -65,7 +66,7 @@ def test_a_second_run_loads_no_encoder(tmp_path, stand_in_dir):
     report = _encode(tmp_path / "shards", tmp_path / "cache", spec)
     assert CountingEncoders.loads == loads  # nothing to compute, nothing loaded
     assert report.encoded == {"latents": 0, "text": 0, "image": 0}
-    assert report.reused == {"latents": 6, "text": 6, "image": 6}
+    assert report.reused == {"latents": 6, "text": 3, "image": 6}  # 3 captions, each on two scenes
 
 
 def test_a_new_vae_recomputes_latents_only(tmp_path, stand_in_dir, monkeypatch):
@@ -83,9 +84,9 @@ def test_new_samples_are_encoded_alone(tmp_path, stand_in_dir):
     spec = EncoderSpec.stand_in(stand_in_dir)
     write_shards(synthetic_samples(4, 32), tmp_path / "shards")
     _encode(tmp_path / "shards", tmp_path / "cache", spec)
-    write_shards(synthetic_samples(7, 32), tmp_path / "shards", overwrite=True)  # the first 4 are the same
+    write_shards(synthetic_samples(7, 32), tmp_path / "shards", overwrite=True)  # the 4 among them
     report = _encode(tmp_path / "shards", tmp_path / "cache", spec)
-    assert report.encoded == {"latents": 3, "text": 3, "image": 3}
+    assert report.encoded == {"latents": 3, "text": 2, "image": 3}  # 2 captions new to the cache
     _, (bucket,) = load_cache(tmp_path / "cache")
     assert len(bucket) == 7
 

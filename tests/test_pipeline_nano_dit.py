@@ -287,7 +287,7 @@ def _images(n, size=32):
     return [Image.new("RGB", (size, size), (40 * i, 200 - 30 * i, 90)) for i in range(n)]
 
 
-PROMPTS = ["a small red circle on the left, on a plain black background", "a large blue square at the top"]
+PROMPTS = ["a small red circle on the left and a large blue square at the top", "a large blue square at the top"]
 
 
 SHORT_WINDOW = 4  # T5 tokens: both PROMPTS are longer

@@ -109,20 +109,41 @@ def _results(**changes):
         "dino_swap": {
             "mean_sensitivity": 0.3,
             "share_closer_to_b": 0.8,
-            "share_moved_toward_b": 0.8,
+            "share_transferred": 0.8,
+            "mean_scene_taken": 0.9,
+            "mean_shapes_kept": 0.9,
             "pairs": [{}] * 5,
         },
         "text_manip": {
             "mean_sensitivity": 0.2,
             "share_followed": 0.8,
-            "share_closer_to_target": 0.8,
+            "mean_toward_edit": 0.8,
             "edits": [{}] * 5,
         },
-        "model_probes": {"null_vs_conditional": 0.4, "guided_vs_unguided": 0.2, "sigma_0.25_vs_0.75": 0.5},
+        "model_probes": {
+            "null_vs_conditional": 0.4,
+            "guided_vs_unguided": 0.2,
+            "sigma_0.25_vs_0.75": 0.5,
+            "modes": {
+                "sigmas": [0.95, 0.97, 0.99],
+                "predictions": {m: {"relative_error": 0.2} for m in ("both", "text", "image", "none")},
+                "samples_drawn": {"text": {"share_drawn": 1.0}, "image": {"share_drawn": 1.0}},
+            },
+        },
     }
     for key, value in changes.items():
         results[key] = {**results[key], **value}
     return results
+
+
+def _modes(error=None, drawn=None):
+    """The healthy mode probe with one mode's prediction error, or one mode's samples, changed."""
+    modes = _results()["model_probes"]["modes"]
+    if error is not None:
+        modes["predictions"] = {**modes["predictions"], error[0]: {"relative_error": error[1]}}
+    if drawn is not None:
+        modes["samples_drawn"] = {**modes["samples_drawn"], drawn[0]: {"share_drawn": drawn[1]}}
+    return {"modes": modes}
 
 
 def _statuses(records, results, thresholds=None, **kw):
@@ -161,11 +182,14 @@ def test_a_healthy_run_is_a_go():
         (HEALTHY, _results(reconstruction={"mse": 0.2}), "Not mean-gray or collapsed", FAIL),
         (HEALTHY, _results(dino_swap={"mean_sensitivity": 0.0}), "Depends on the DINOv3 embedding", FAIL),
         (HEALTHY, _results(text_manip={"mean_sensitivity": 0.001}), "Depends on the text", FAIL),
-        (HEALTHY, _results(dino_swap={"share_moved_toward_b": 0.2}), "DINO swap transfers composition", WARN),
+        (HEALTHY, _results(dino_swap={"share_transferred": 0.6}), "DINO swap takes B's scene, keeps A's shapes", FAIL),
+        (HEALTHY, _results(model_probes=_modes(error=("image", 0.9))), "Each CFG mode learned (predictions)", FAIL),
+        (HEALTHY, _results(model_probes=_modes(error=("none", 0.6))), "Each CFG mode learned (predictions)", FAIL),
+        (HEALTHY, _results(model_probes=_modes(drawn=("text", 0.5))), "Each CFG mode learned (samples)", FAIL),
         (HEALTHY, _results(model_probes={"null_vs_conditional": 0.0}), "Null conditions learned, guidance live", FAIL),
         (HEALTHY, _results(model_probes={"guided_vs_unguided": 0.0}), "Null conditions learned, guidance live", FAIL),
         (HEALTHY, _results(model_probes={"sigma_0.25_vs_0.75": 0.0}), "Uses the noise level", FAIL),
-        (HEALTHY, _results(text_manip={"share_followed": 0.2}), "Text edits followed", WARN),
+        (HEALTHY, _results(text_manip={"share_followed": 0.6}), "Text edits followed", FAIL),
     ],
 )
 def test_each_failure_indicator_fires_on_its_symptom(records, results, indicator, status):
@@ -187,7 +211,7 @@ def test_without_lpips_st_lpips_decides_and_the_other_figures_stand_beside_it():
     results = _results(reconstruction={"mean_lpips": None, "mean_stlpips": 0.25})
     indicator = next(i for i in evaluate(HEALTHY, results, Thresholds(), 10, EXCLUSIVE) if i.name.startswith("Recon"))
     assert (indicator.name, indicator.status) == ("Reconstruction ST-LPIPS", WARN)
-    assert indicator.value == "mean 0.250 (PSNR 30.0 dB, SSIM 0.900)"
+    assert indicator.value == "NOT memorised: mean 0.250 (PSNR 30.0 dB, SSIM 0.900)"
     thresholds = replace(Thresholds(), stlpips_success=0.3, stlpips_failure=0.4)
     assert _statuses(HEALTHY, results, thresholds=thresholds)["Reconstruction ST-LPIPS"] == PASS
 
@@ -199,6 +223,41 @@ def test_a_preset_may_decide_on_st_lpips_though_lpips_is_there():
     assert (indicator.name, indicator.status) == ("Reconstruction ST-LPIPS", FAIL)
     assert "LPIPS 0.150" in indicator.value
     assert verdict(evaluate(HEALTHY, results, thresholds, 10, EXCLUSIVE))[0] == "NO-GO"
+
+
+def test_memorised_image_by_image_needs_both_lines_in_enough_images():
+    thresholds = replace(Thresholds(), decide_on="stlpips", stlpips_success=0.1, min_psnr=28.0, memorised_share=0.95)
+    good = {"key": "k", "stlpips": 0.05, "psnr": 30.0}
+    blurred = {"key": "k", "stlpips": 0.15, "psnr": 30.0}  # far perceptually, though close in PSNR
+    recoloured = {"key": "k", "stlpips": 0.05, "psnr": 22.0}  # ST-LPIPS misses it at this size; PSNR does not
+
+    def reconstruction(per_image):
+        return next(
+            i
+            for i in evaluate(
+                HEALTHY,
+                _results(reconstruction={"mean_stlpips": 0.07, "per_image": per_image}),
+                thresholds,
+                10,
+                EXCLUSIVE,
+            )
+            if i.name.startswith("Recon")
+        )
+
+    assert reconstruction([good] * 95 + [blurred] * 5).status == PASS
+    for bad in (blurred, recoloured):
+        indicator = reconstruction([good] * 94 + [bad] * 6)
+        assert indicator.status == WARN and indicator.value.startswith("NOT memorised: 94 of 100 images memorised")
+    decision, reasons = verdict(
+        evaluate(
+            HEALTHY,
+            _results(reconstruction={"mean_stlpips": 0.07, "per_image": [good] * 94 + [blurred] * 6}),
+            thresholds,
+            10,
+            EXCLUSIVE,
+        )
+    )
+    assert decision == "NO-GO" and "did not memorise" in reasons[0]
 
 
 def test_a_validation_recorded_without_a_perceptual_metric_is_judged_on_psnr():
@@ -279,11 +338,8 @@ def test_a_hand_broken_model_is_caught_by_its_own_indicator(tmp_path, stand_in_d
         assert probes["guided_vs_unguided"] < 1e-6  # only the guided sum's rounding (weights −1, −1, 3)
     elif fault == "timestep-constant":
         assert probes["sigma_0.25_vs_0.75"] == 0
-    else:  # a deaf model's edited (or swapped) output is its unedited one: it never moves toward the edit
-        test, share = (
-            ("text_manip", "share_followed") if fault == "text-ignored" else ("dino_swap", "share_moved_toward_b")
-        )
-        assert results[test][share] == 0
+    else:  # a deaf model's edited (or swapped) output is its unedited one, pixel for pixel
+        assert results["text_manip" if fault == "text-ignored" else "dino_swap"]["mean_sensitivity"] == 0
 
 
 def test_the_model_probes_measure_a_working_model_as_live(tmp_path, tiny_config):
