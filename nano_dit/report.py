@@ -245,11 +245,12 @@ def _mode_indicators(modes: dict | None, t: Thresholds) -> list[Indicator]:
     out = [
         Indicator(
             "Each CFG mode learned (predictions)",
-            PASS if errors[worst] <= t.mode_error else FAIL,
+            PASS if errors[worst] <= t.mode_error else WARN if errors[worst] <= t.mode_error_failure else FAIL,
             "; ".join(f"{MODE_NAMES[m]} {e:.2f}" for m, e in errors.items())
             + f" (distance of the mode's x0 prediction to its ideal, over the distance a mode never learned would be; "
             f"σ {', '.join(map(str, modes['sigmas']))})",
-            f"each ≤ {t.mode_error:g}: more than half-way from a never-learned mode to the ideal",
+            f"each ≤ {t.mode_error:g}: more than half-way from a never-learned mode to the ideal; "
+            f"> {t.mode_error_failure:g}: no better than never learned",
             past(errors[worst], t.mode_error, higher_is_better=False) + f" ({MODE_NAMES[worst]})",
         )
     ]

@@ -12,12 +12,15 @@ to every image of the set, and the distance of the perturbed copy to its origina
 - *unnoticed*: changes that the person who judged the sheet (`perturbations.png`, written here;
   each cell at the 96-pixel size of the validation sheets) could not see at a glance: faint noise,
   a slight colour cast, a sub-pixel blur, a one-pixel shift of the whole picture.
-- *seen*: changes that make it another picture: the shapes blurred into blobs, one shape of the
-  wrong colour or kind or in the wrong cell, another scene, visible grain.
+- *soft, all right*: a change a person sees on a second look (a slight blur) but after which every
+  attribute the validation plan asks for is still right: each shape's kind, colour, size and
+  position, and the scene.
+- *wrong*: changes that make it another picture: the shapes blurred into blobs, one shape of the
+  wrong colour or kind or in the wrong cell, another scene, heavy grain.
 
-"Memorised" is then a distance no larger than the largest *unnoticed* change (rounded to a round
-number past it), and "failed" a distance at least that of the smallest *seen* one. The figures of
-one run are recorded in docs/validation.md with the judgment that sorted them.
+"Memorised" must take the first two and refuse the third; "failed" is as far as the blobs. The
+table gives, for each perturbation, the share of images the demo's line calls memorised. The
+figures of one run are recorded in docs/validation.md with the judgment that sorted them.
 """
 
 from __future__ import annotations
@@ -94,13 +97,13 @@ def perturbations(layouts: list[Layout], truth: torch.Tensor, resolution: int) -
         "colour cast, 4/255": ("unnoticed", (truth + cast).clamp(0, 1)),
         "blur, σ 0.4 px": ("unnoticed", _blur(truth, 0.4)),
         "shifted 1 px": ("unnoticed", _shift(truth)),
-        "blur, σ 0.7 px": ("seen", _blur(truth, 0.7)),
-        "blur, σ 1.2 px (blobs)": ("seen", _blur(truth, 1.2)),
-        "noise, std 16/255": ("seen", _noise(truth, 16 / 255)),
-        "one shape recoloured": ("seen", _edited(layouts, resolution, _recolor)),
-        "one shape of another kind": ("seen", _edited(layouts, resolution, _reshape)),
-        "one shape moved a cell": ("seen", _edited(layouts, resolution, _move)),
-        "another image's scene": ("seen", (images_to_tensor([render(o, resolution) for o in other_scene]) + 1) / 2),
+        "blur, σ 0.7 px": ("soft, all right", _blur(truth, 0.7)),
+        "blur, σ 1.2 px (blobs)": ("wrong", _blur(truth, 1.2)),
+        "noise, std 16/255": ("wrong", _noise(truth, 16 / 255)),
+        "one shape recoloured": ("wrong", _edited(layouts, resolution, _recolor)),
+        "one shape of another kind": ("wrong", _edited(layouts, resolution, _reshape)),
+        "one shape moved a cell": ("wrong", _edited(layouts, resolution, _move)),
+        "another image's scene": ("wrong", (images_to_tensor([render(o, resolution) for o in other_scene]) + 1) / 2),
     }
 
 
@@ -139,13 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
         cells += [copies[i] for i in range(4)]
         captions += [f"{name} ({judgment})"] * 4
     contact_sheet([_pil(c) for c in cells], captions, columns=8, cell=96).save(out / "perturbations.png")
-    unnoticed = [r for r in rows if r["judgment"] == "unnoticed"]
-    seen = [r for r in rows if r["judgment"] == "seen"]
+    unnoticed = [r for r in rows if r["judgment"] != "wrong"]
+    seen = [r for r in rows if r["judgment"] == "wrong"]
     bounds = {
-        "largest unnoticed ST-LPIPS (90th percentile)": max(r["stlpips_p90"] for r in unnoticed),
-        "smallest seen ST-LPIPS (median)": min(r["stlpips_median"] for r in seen),
-        "lowest unnoticed PSNR (10th percentile)": min(r["psnr_p10"] for r in unnoticed),
-        "highest seen PSNR (median)": max(r["psnr_median"] for r in seen),
+        "largest right ST-LPIPS (90th percentile)": max(r["stlpips_p90"] for r in unnoticed),
+        "smallest wrong ST-LPIPS (median)": min(r["stlpips_median"] for r in seen),
+        "lowest right PSNR (10th percentile)": min(r["psnr_p10"] for r in unnoticed),
+        "highest wrong PSNR (median)": max(r["psnr_median"] for r in seen),
     }
     memorised = f"ST-LPIPS ≤ {line['stlpips_success']:g} and PSNR ≥ {line['min_psnr']:g} dB"
     print(f"| perturbation | judged | ST-LPIPS median (p90) | PSNR median (p10) | called memorised ({memorised}) |")
