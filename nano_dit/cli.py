@@ -21,13 +21,19 @@ def _synth(args: argparse.Namespace) -> None:
     from nano_dit.shards import write_shards
     from nano_dit.synthetic import synthetic_samples
 
-    samples = synthetic_samples(args.num_images, args.resolution, args.seed)
-    counts = write_shards(samples, args.out, args.samples_per_shard, overwrite=args.overwrite)
+    first = []  # the set's first twelve, kept for the preview as they are written
+
+    def samples():
+        for sample in synthetic_samples(args.num_images, args.resolution, args.seed):
+            if args.preview and len(first) < 12:
+                first.append(sample)
+            yield sample
+
+    counts = write_shards(samples(), args.out, args.samples_per_shard, overwrite=args.overwrite)
     print(f"wrote {sum(counts.values())} synthetic images to {args.out} ({dict(counts)})")
     if args.preview:
         from nano_dit.sheets import contact_sheet
 
-        first = list(synthetic_samples(min(12, args.num_images), args.resolution, args.seed))
         path = f"{args.out}/preview.png"
         contact_sheet([s["image"] for s in first], [s["caption"] for s in first]).save(path)
         print(f"preview of the first {len(first)}: {path}")
