@@ -459,7 +459,7 @@ def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info:
         pipe, buckets[main], recon[main], noise_of[main], metrics, sampling, precision
     )
     results["model_probes"]["modes"] = _mode_probes(
-        pipe, buckets[main], truth[main], noise_of[main], metrics, precision, sampling.num_inference_steps
+        pipe, buckets[main], truth[main], noise_of[main], precision, sampling.num_inference_steps
     )
     return results
 
@@ -556,7 +556,7 @@ def _posterior(x_t: torch.Tensor, sigma: float, candidates: torch.Tensor, allowe
     return torch.softmax(logits.masked_fill(~allowed, -torch.inf), dim=1)
 
 
-def _mode_probes(pipe, bucket, truth, noise, metrics, precision, num_inference_steps: int) -> dict:
+def _mode_probes(pipe, bucket, truth, noise, precision, num_inference_steps: int) -> dict:
     """Each CFG mode the dropout trains, measured as learned (the module docstring's third probe).
 
     Predictions: at the σ where the modes differ (`mode_sigmas`), each mode's x0 prediction against that mode's ideal one

@@ -132,7 +132,7 @@ def _bucket_with_siblings(n=8):
 def _probe(model, bucket):
     pipe = SimpleNamespace(transformer=model, device=torch.device("cpu"))
     noise = torch.randn(bucket.latents.shape, generator=torch.Generator().manual_seed(1))
-    return _mode_probes(pipe, bucket, (bucket.latents + 1) / 2, noise, None, None, 2)["predictions"]
+    return _mode_probes(pipe, bucket, (bucket.latents + 1) / 2, noise, None, 2)["predictions"]
 
 
 def test_the_mode_probe_passes_every_ideal_mode_and_fails_a_never_learned_null_mode():
