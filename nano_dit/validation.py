@@ -12,11 +12,12 @@
 2. **DINO swap**: the distance of each swapped output to B and to A, the share closer to B, and
    the sensitivity (the distance to A's own output). Where the data records its layouts (the
    synthetic set), the swap is measured against the picture it should give, A's shapes on B's
-   scene (`nano_dit.ground_truth`): how far the output went from A's scene toward B's, and from
-   B's bare scene toward A's shapes; a pair counts when both are at least half-way.
+   scene (`nano_dit.ground_truth`): how far the output went from the model's own picture of A
+   toward B's scene, and from B's bare scene toward A's shapes; a pair counts when both are at
+   least half-way.
 3. **Text manipulation**: the sensitivity (edited vs unedited output, same noise; the validation
    plan quotes 0.64 LPIPS for a broken run) and, with a ground-truth layout, how far the output
-   went from the original picture toward the edited layout, drawn: read where the two differ, so
+   went from the model's own picture of the original caption toward the edited layout, drawn: so
    the edited object must be found where the edit put it (and be gone from where it was); an edit
    counts when it went at least half-way.
 
@@ -687,7 +688,9 @@ def _dino_swap(pipe, bucket, recon, truth, noise, metrics, sampling, precision, 
     if measured:  # what the swap should draw: A's shapes on B's scene
         side = truth.shape[-1]
         expected = _drawn([ground_truth.swapped(la, lb) for la, lb in layouts], side)
-        scene_taken = ground_truth.toward(swapped, truth[a], expected)  # A's scene -> B's, around A's shapes
+        # from the model's own picture of A (its caption and embedding, the same noise) to B's scene:
+        # a model deaf to the embedding reads exactly 0, whatever its picture of A looks like
+        scene_taken = ground_truth.toward(swapped, recon[a], expected)
         bare = torch.stack([ground_truth.scene_alone(lb, side) for _, lb in layouts])
         shapes_kept = ground_truth.toward(swapped, bare, expected)  # B's bare scene -> A's shapes on it
     records, cells, captions = [], [], []
@@ -752,9 +755,11 @@ def _text_manip(pipe, bucket, recon, truth, noise, metrics, sampling, precision,
         captions += [f"original: {e.caption}", "generated from the original caption", f"edited: {e.edited}"]
         if e.target is not None:
             target = (images_to_tensor([e.target])[0] + 1) / 2  # (3, H, W) in [0, 1]
-            # From the original picture toward the edited one, read where they differ: the object
-            # found where the edit put it (and gone from where it was), in its edited colour and kind.
-            went = ground_truth.toward(edited[n : n + 1], truth[e.index : e.index + 1], target[None]).item()
+            # Toward the edited picture, read where the two pictures differ: the object found where
+            # the edit put it (and gone from where it was), in its edited colour and kind.
+            # from the model's own picture of the original caption (the same noise): a model deaf to
+            # the text reads exactly 0, even where its pictures are a blur half-way between the two
+            went = ground_truth.toward(edited[n : n + 1], recon[e.index : e.index + 1], target[None]).item()
             record.update(toward_edit=went, followed=went >= ground_truth.HALF_WAY)
             cells.append(target)
             captions.append(f"the edited layout, drawn (reached {went:.2f})")

@@ -136,6 +136,11 @@ def main() -> None:
     parser.add_argument(
         "--rejudge", action="store_true", help="judge the runs already in --out with the current thresholds"
     )
+    parser.add_argument(
+        "--revalidate",
+        action="store_true",
+        help="no training: validate the final weights of the runs already in --out again (with the fault), then judge",
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more trainer flags for every run, after --")
     args = parser.parse_args()
     spec = importlib.util.spec_from_file_location("train_nano_dit", ROOT / "train_nano_dit.py")
@@ -149,7 +154,17 @@ def main() -> None:
         flags = ["--preset", "demo", "--output-dir", str(out), *extra, *[x for x in args.extra if x != "--"]]
         with broken(fault):
             config = trainer.parse_config(flags)
-            if args.rejudge:
+            if args.revalidate:
+                from nano_dit.validation import validate_checkpoint
+
+                final = out / "checkpoints" / "checkpoint_final"
+                try:
+                    if final.exists():
+                        validate_checkpoint(final, cache=config.cache, output_dir=out)
+                except ValueError as err:  # the old dropout's checkpoints are refused: its own validation stands
+                    print(f"   {name}: not validated again ({str(err).split(':')[0]})")
+                summary = rejudge(out, config)  # with the run's own log (a stopped run has no final weights)
+            elif args.rejudge:
                 summary = rejudge(out, config)
             else:
                 print(f"== {name} (fault: {fault}): train_nano_dit.py {' '.join(flags)}", flush=True)

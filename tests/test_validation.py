@@ -339,8 +339,12 @@ def test_a_hand_broken_model_is_caught_by_its_own_indicator(tmp_path, stand_in_d
         assert probes["guided_vs_unguided"] < 1e-6  # only the guided sum's rounding (weights −1, −1, 3)
     elif fault == "timestep-constant":
         assert probes["sigma_0.25_vs_0.75"] == 0
-    else:  # a deaf model's edited (or swapped) output is its unedited one, pixel for pixel
-        assert results["text_manip" if fault == "text-ignored" else "dino_swap"]["mean_sensitivity"] == 0
+    elif fault == "text-ignored":  # a deaf model's edited output is its unedited one, pixel for pixel
+        assert results["text_manip"]["mean_sensitivity"] == 0
+        assert all(e["toward_edit"] == 0 and not e["followed"] for e in results["text_manip"]["edits"])
+    else:
+        assert results["dino_swap"]["mean_sensitivity"] == 0
+        assert all(p["scene_taken"] == 0 and not p["transferred"] for p in results["dino_swap"]["pairs"])
 
 
 def test_the_model_probes_measure_a_working_model_as_live(tmp_path, tiny_config):
