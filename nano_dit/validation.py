@@ -592,7 +592,10 @@ def _mode_probes(pipe, bucket, truth, noise, precision, num_inference_steps: int
     }
     sigmas = mode_sigmas(x0, eps, x0_all)
     error = dict.fromkeys(allowed, 0.0)  # squared distance of each mode's prediction to its ideal, pooled
-    apart = {m: dict.fromkeys(allowed, 0.0) for m in allowed}  # squared distances between the ideals, pooled
+    # what a model that never learned the mode predicts: for a conditioned mode the ideal knowing
+    # nothing (its condition unused); for the null mode the fully conditioned one (its masks unused)
+    reference = {mode: "both" if mode == "none" else "none" for mode in allowed}
+    gap = dict.fromkeys(allowed, 0.0)  # squared distance of each mode's ideal to its reference's, pooled
     with torch.inference_mode(), phase("sampling"), _autocast(pipe, precision):
         for sigma in sigmas:
             x_t = add_noise(x0, eps, torch.full((len(rows),), sigma, device=device))
@@ -605,16 +608,14 @@ def _mode_probes(pipe, bucket, truth, noise, precision, num_inference_steps: int
                 }
                 v = model(x_t, t, **cond, **masks).sample.float()
                 error[mode] += (x_t - sigma * v - ideal[mode]).pow(2).sum().item()
-                for other in allowed:
-                    apart[mode][other] += (ideal[other] - ideal[mode]).pow(2).sum().item()
-    predictions = {}
-    for mode in allowed:
-        reference = "both" if mode == "none" else "none"  # what a model that never learned this mode predicts
-        gap = apart[mode][reference]
-        predictions[mode] = {
-            "relative_error": (error[mode] / gap) ** 0.5 if gap > 0 else None,
-            "against": reference,
+                gap[mode] += (ideal[reference[mode]] - ideal[mode]).pow(2).sum().item()
+    predictions = {
+        mode: {
+            "relative_error": (error[mode] / gap[mode]) ** 0.5 if gap[mode] > 0 else None,
+            "against": reference[mode],
         }
+        for mode in allowed
+    }
     out = {"samples": len(rows), "sigmas": sigmas, "predictions": predictions, "samples_drawn": None}
     layouts = [_layout_of(bucket, i) for i in rows]
     if all(layout is not None for layout in layouts) and len(rows) > 1:
