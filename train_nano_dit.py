@@ -156,7 +156,7 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
         range(config.total_steps), initial=start_step, disable=not accelerator.is_main_process, desc="train"
     )
     samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    sigma_loss_sums = sigma_counts = torch.zeros(SIGMA_BINS, device=device)
+    sigma_loss_sums, sigma_counts = torch.zeros(2, SIGMA_BINS, device=device)  # two rows, two tensors
     bad_in_a_row, interval_start = 0, time.perf_counter()
     timed_before, loop_start = sum(timer.seconds.values()), time.perf_counter()
     step = start_step
@@ -201,7 +201,7 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
                 # the mean loss per σ bin since the last log
                 by_sigma = (sigma_loss_sums / sigma_counts.clamp(min=1)).tolist()
                 accelerator.log({**record.scalars(), **dict(zip(SIGMA_BIN_NAMES, by_sigma))}, step=step)
-                sigma_loss_sums = sigma_counts = torch.zeros(SIGMA_BINS, device=device)
+                sigma_loss_sums, sigma_counts = torch.zeros(2, SIGMA_BINS, device=device)  # two rows, two tensors
                 progress.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
 
             # -------- checkpoint
