@@ -4,6 +4,7 @@
       reconstruction/   every image regenerated from its own caption + DINOv3 embedding; sheet.png
       dino_swap/        5 pairs: A's caption with B's DINOv3 embedding;                   sheet.png
       text_manip/       5 rule-based caption edits, the DINOv3 embedding kept;            sheet.png
+      modes/            unguided text-only and image-only samples (the mode probe);       sheet.png
       results.json      every figure below, per image and as means
 
 1. **Reconstruction**: ST-LPIPS (shift-tolerant LPIPS, pretrained weights shipped with its
@@ -33,7 +34,8 @@ Beside the three tests, three **model probes** measure parts of the design on th
 - *each CFG mode learned* (`_mode_probes`): every mode's x0 prediction against the best one
   possible for what that mode is given (the exact posterior mean over the cached set), relative to
   what a model that never learned the mode would give; and, with ground-truth layouts, the
-  text-only samples showing the captioned shapes and the image-only samples the image's scene.
+  text-only samples showing the captioned shapes, and the image-only samples the image's scene
+  with shapes on it, as its training images have (a mode never learned draws the bare scene).
 
 All sampling starts from cached features (no image or caption is encoded again, except the edited
 captions), batched across images and CFG branches, from seeded noise that belongs to each sample,
@@ -459,9 +461,11 @@ def _run_tests(pipe, buckets, out_dir: Path, metrics, sampling, step: int, info:
     results["model_probes"] = _model_probes(
         pipe, buckets[main], recon[main], noise_of[main], metrics, sampling, precision
     )
-    results["model_probes"]["modes"] = _mode_probes(
-        pipe, buckets[main], truth[main], noise_of[main], precision, sampling.num_inference_steps
+    modes = _mode_probes(pipe, buckets[main], noise_of[main], precision)
+    modes["samples_drawn"] = _mode_samples(
+        pipe, buckets[main], truth[main], noise_of[main], precision, sampling.num_inference_steps, out_dir
     )
+    results["model_probes"]["modes"] = modes
     return results
 
 
@@ -557,7 +561,7 @@ def _posterior(x_t: torch.Tensor, sigma: float, candidates: torch.Tensor, allowe
     return torch.softmax(logits.masked_fill(~allowed, -torch.inf), dim=1)
 
 
-def _mode_probes(pipe, bucket, truth, noise, precision, num_inference_steps: int) -> dict:
+def _mode_probes(pipe, bucket, noise, precision) -> dict:
     """Each CFG mode the dropout trains, measured as learned (the module docstring's third probe).
 
     Predictions: at the σ where the modes differ (`mode_sigmas`), each mode's x0 prediction against that mode's ideal one
@@ -568,9 +572,7 @@ def _mode_probes(pipe, bucket, truth, noise, precision, num_inference_steps: int
     null mode, the fully conditioned one (its drop masks unused). 0 is the ideal; 1 is no better
     than that model; below 0.5, the mode lands nearer its own ideal than half-way.
 
-    Samples (on a set with ground-truth layouts): the text-only mode's samples should show the
-    captioned shapes (from the bare scene toward the original, read on the shapes), the image-only
-    mode's the sample's own scene (from the same shapes on another scene toward the original).
+    The samples the modes draw are measured by `_mode_samples`.
     """
     model, device = pipe.transformer, pipe.device
     rows = list(range(min(MODE_SAMPLES, len(bucket))))
@@ -616,34 +618,83 @@ def _mode_probes(pipe, bucket, truth, noise, precision, num_inference_steps: int
         }
         for mode in allowed
     }
-    out = {"samples": len(rows), "sigmas": sigmas, "predictions": predictions, "samples_drawn": None}
-    layouts = [_layout_of(bucket, i) for i in rows]
-    if all(layout is not None for layout in layouts) and len(rows) > 1:
-        out["samples_drawn"] = _mode_samples(pipe, bucket, rows, layouts, truth, noise, precision, num_inference_steps)
-    return out
+    return {"samples": len(rows), "sigmas": sigmas, "predictions": predictions}
 
 
-def _mode_samples(pipe, bucket, rows, layouts, truth, noise, precision, num_inference_steps: int) -> dict:
-    """Unguided samples of the text-only and image-only modes, measured on the ground-truth layouts."""
-    side = truth.shape[-1]
-    figures = {}
-    for mode, (text_scale, image_scale) in MODE_GUIDANCE.items():
-        if mode == "none":
-            continue
+def _mode_samples(pipe, bucket, truth, noise, precision, num_inference_steps: int, out_dir: Path) -> dict | None:
+    """Unguided samples of the text-only and image-only modes, measured on the ground-truth
+    layouts (`measure_mode_samples`; None where the set records none) and drawn in
+    `out_dir`/modes/sheet.png: the training images, then each mode's samples, from the same noise."""
+    rows = list(range(min(MODE_SAMPLES, len(bucket))))
+    layouts = [_layout_of(bucket, i) for i in range(len(bucket))]
+    if len(rows) < 2 or any(layout is None for layout in layouts):
+        return None
+    drawn = {}
+    for mode in ("text", "image"):
+        text_scale, image_scale = MODE_GUIDANCE[mode]
         sampling = SamplingConfig(num_inference_steps, text_scale, image_scale, "independent", batch_size=len(rows))
-        images = generate(pipe, bucket, rows, noise, sampling, precision)
-        if mode == "text":  # the captioned shapes, on whatever scene: bare scene -> original, read on the shapes
-            source = torch.stack([ground_truth.scene_alone(layout, side) for layout in layouts])
-        else:  # its own scene: the same shapes on the next sample's scene -> original, read on the scene
-            others = [layouts[(k + 1) % len(layouts)].scene for k in range(len(layouts))]
-            source = _drawn([Layout(layout.objects, scene) for layout, scene in zip(layouts, others)], side)
-        went = ground_truth.toward(images, source, truth[rows])
-        known = went[~went.isnan()]
-        figures[mode] = {
+        drawn[mode] = generate(pipe, bucket, rows, noise, sampling, precision)
+    figures, went = measure_mode_samples(drawn["text"], drawn["image"], truth, layouts)
+    figures["image_shapes"]["nearest"] = [bucket.keys[i] for i in figures["image_shapes"]["nearest"]]
+    cells = [truth[i] for i in rows] + list(drawn["text"]) + list(drawn["image"])
+    captions = [f"{bucket.keys[i]}: {bucket.captions[i]}" for i in rows]
+    captions += [f"text only: shapes {t:.2f}" for t in went["text"].tolist()]
+    captions += [
+        f"image only: scene {s:.2f}, shapes {t:.2f}"
+        for s, t in zip(went["image"].tolist(), went["image_shapes"].tolist())
+    ]
+    (out_dir / "modes").mkdir(parents=True, exist_ok=True)
+    _sheet(cells, captions, out_dir / "modes" / "sheet.png", columns=len(rows), cell=96)
+    return figures
+
+
+def measure_mode_samples(
+    text_only: torch.Tensor, image_only: torch.Tensor, truth: torch.Tensor, layouts: list[Layout]
+) -> tuple[dict, dict]:
+    """How far the text-only and image-only samples of the set's first rows (`(K, 3, H, W)` in
+    [0, 1], from the same noise) drew what their mode was given; `truth` `(N, 3, H, W)` and
+    `layouts` are the whole set's. Three measures, each from what a model that failed draws toward
+    the truth (`ground_truth.toward`):
+
+    - `text`, the captioned shapes: from the bare scene toward the original, read on the shapes
+      (the scene is not the caption's to tell);
+    - `image`, its own scene: from the same shapes on another scene toward the original, read on
+      the scene;
+    - `image_shapes`, shapes on that scene: from the bare own scene toward the training image of
+      that scene nearest the sample, read on that image's shapes. The embedding is of the whole
+      picture and every training image has shapes: a mode that learned it draws some, while one
+      never learned (composed from the both-conditions and null modes) leaves the scene bare.
+
+    Returns the figures (per measure, the values and the share at least half-way,
+    `ground_truth.HALF_WAY`; for `image_shapes` also the index of each sample's nearest image) and
+    the per-sample values, NaN where there is nothing to measure."""
+    rows = range(len(text_only))
+    side, own = truth.shape[-1], [layouts[k] for k in rows]
+    bare = torch.stack([ground_truth.scene_alone(layout, side) for layout in own])
+    others = [own[(k + 1) % len(own)].scene for k in rows]
+    elsewhere = _drawn([Layout(layout.objects, scene) for layout, scene in zip(own, others)], side)
+    nearest = [
+        min(
+            (i for i, layout in enumerate(layouts) if layout.scene == own[k].scene),
+            key=lambda i, k=k: (image_only[k] - truth[i]).pow(2).sum().item(),
+        )
+        for k in rows
+    ]
+    measures = {  # name -> (samples, source, target)
+        "text": (text_only, bare, truth[list(rows)]),
+        "image": (image_only, elsewhere, truth[list(rows)]),
+        "image_shapes": (image_only, bare, truth[nearest]),
+    }
+    figures, went = {}, {}
+    for name, (samples, source, target) in measures.items():
+        went[name] = ground_truth.toward(samples, source, target)
+        known = went[name][~went[name].isnan()]
+        figures[name] = {
             "toward_truth": known.tolist(),
             "share_drawn": (known >= ground_truth.HALF_WAY).float().mean().item() if len(known) else None,
         }
-    return figures
+    figures["image_shapes"]["nearest"] = nearest
+    return figures, went
 
 
 def _reconstruction_summary(per_image: list[dict], recon: dict, truth: dict) -> dict:
@@ -819,8 +870,8 @@ def _save(t: torch.Tensor, path: Path) -> None:
     _write(lambda: _to_pil(t).save(path))
 
 
-def _sheet(cells: list[torch.Tensor], captions: list[str], path: Path, columns: int = 4) -> None:
-    _write(lambda: contact_sheet([_to_pil(c) for c in cells], captions, columns=columns, cell=160).save(path))
+def _sheet(cells: list[torch.Tensor], captions: list[str], path: Path, columns: int = 4, cell: int = 160) -> None:
+    _write(lambda: contact_sheet([_to_pil(c) for c in cells], captions, columns=columns, cell=cell).save(path))
 
 
 def _reconstruction_sheet(buckets, recon, truth, path: Path, limit: int = 50) -> None:

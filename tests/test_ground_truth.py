@@ -10,7 +10,7 @@ import torch
 from nano_dit import ground_truth
 from nano_dit.feature_cache import CachedBucket
 from nano_dit.synthetic import SCENE_COLORS, render_scene, sample_layouts
-from nano_dit.validation import _mode_probes, ideal_x0
+from nano_dit.validation import _mode_probes, ideal_x0, measure_mode_samples
 
 
 def test_toward_reads_only_where_source_and_target_differ():
@@ -132,7 +132,7 @@ def _bucket_with_siblings(n=8):
 def _probe(model, bucket):
     pipe = SimpleNamespace(transformer=model, device=torch.device("cpu"))
     noise = torch.randn(bucket.latents.shape, generator=torch.Generator().manual_seed(1))
-    return _mode_probes(pipe, bucket, (bucket.latents + 1) / 2, noise, None, 2)["predictions"]
+    return _mode_probes(pipe, bucket, noise, None)["predictions"]
 
 
 def test_the_mode_probe_passes_every_ideal_mode_and_fails_a_never_learned_null_mode():
@@ -143,3 +143,24 @@ def test_the_mode_probe_passes_every_ideal_mode_and_fails_a_never_learned_null_m
     assert broken["none"]["relative_error"] == pytest.approx(1, abs=1e-4)  # exactly the never-learned answer
     assert broken["both"]["relative_error"] == pytest.approx(0, abs=1e-4)
     assert broken["text"]["relative_error"] > 0.05  # it knows the image too: not the text-only ideal
+
+
+def test_the_mode_samples_measure_fails_bare_scenes_and_passes_training_pictures():
+    layouts = sample_layouts(100, seed=0)
+    side, k = 32, 16
+    truth = torch.stack([ground_truth.drawn(layout, side) for layout in layouts])
+    bare = torch.stack([ground_truth.scene_alone(layout, side) for layout in layouts[:k]])
+    # each row drawn as another training image of its own scene: a learned mode that recombines
+    sibling = [next(i for i, o in enumerate(layouts) if o.scene == layouts[r].scene and i != r) for r in range(k)]
+    figures, _ = measure_mode_samples(truth[:k], truth[sibling], truth, layouts)
+    assert figures["text"]["share_drawn"] == 1.0 and figures["image"]["share_drawn"] == 1.0
+    assert figures["image_shapes"]["share_drawn"] == 1.0
+    assert figures["image_shapes"]["nearest"] == sibling  # its nearest is the image it drew
+    # the image-only mode never learned: the right scene, left bare
+    figures, went = measure_mode_samples(truth[:k], bare, truth, layouts)
+    assert figures["image"]["share_drawn"] >= 0.8  # the scene alone still reads as its own scene
+    assert figures["image_shapes"]["share_drawn"] == 0.0
+    assert went["image_shapes"].tolist() == pytest.approx([0.0] * k, abs=1e-6)
+    # the text-only mode never learned: the bare scene, no shapes
+    figures, _ = measure_mode_samples(bare, truth[:k], truth, layouts)
+    assert figures["text"]["share_drawn"] == 0.0

@@ -127,7 +127,7 @@ def _results(**changes):
             "modes": {
                 "sigmas": [0.95, 0.97, 0.99],
                 "predictions": {m: {"relative_error": 0.2} for m in ("both", "text", "image", "none")},
-                "samples_drawn": {"text": {"share_drawn": 1.0}, "image": {"share_drawn": 1.0}},
+                "samples_drawn": {m: {"share_drawn": 1.0} for m in ("text", "image", "image_shapes")},
             },
         },
     }
@@ -187,6 +187,7 @@ def test_a_healthy_run_is_a_go():
         (HEALTHY, _results(model_probes=_modes(error=("text", 0.9))), "Each CFG mode learned (predictions)", WARN),
         (HEALTHY, _results(model_probes=_modes(error=("none", 1.05))), "Each CFG mode learned (predictions)", FAIL),
         (HEALTHY, _results(model_probes=_modes(drawn=("text", 0.5))), "Each CFG mode learned (samples)", FAIL),
+        (HEALTHY, _results(model_probes=_modes(drawn=("image_shapes", 0.0))), "Each CFG mode learned (samples)", FAIL),
         (HEALTHY, _results(model_probes={"null_vs_conditional": 0.0}), "Null conditions learned, guidance live", FAIL),
         (HEALTHY, _results(model_probes={"guided_vs_unguided": 0.0}), "Null conditions learned, guidance live", FAIL),
         (HEALTHY, _results(model_probes={"sigma_0.25_vs_0.75": 0.0}), "Uses the noise level", FAIL),
@@ -302,9 +303,10 @@ def test_training_validates_and_writes_the_report(tmp_path, stand_in_dir):
     run = tmp_path / "run"
     for step in ("step0000010", "step0000020"):
         folder = run / "validation" / step
-        assert {p.name for p in folder.iterdir()} == {"reconstruction", "dino_swap", "text_manip", "results.json"}
+        names = {"reconstruction", "dino_swap", "text_manip", "modes", "results.json"}
+        assert {p.name for p in folder.iterdir()} == names
         assert len(list((folder / "reconstruction").glob("synth_*.png"))) == 12
-        assert (folder / "dino_swap" / "sheet.png").exists() and (folder / "text_manip" / "sheet.png").exists()
+        assert all((folder / name / "sheet.png").exists() for name in ("dino_swap", "text_manip", "modes"))
     results = json.loads((run / "validation" / "step0000020" / "results.json").read_text())
     assert len(results["reconstruction"]["per_image"]) == 12
     assert results["lpips"]["backbone"] == "AlexNet, RANDOM weights"
