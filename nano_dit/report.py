@@ -114,16 +114,25 @@ def evaluate(
     )
     if results is not None:
         out += _validation_indicators(results, t)
+    never = _modes_never_drawn(scheme)
     out.append(
         Indicator(
-            "CFG dropout is the exclusive scheme (config)",
-            PASS if scheme.startswith("exclusive") else FAIL,
-            scheme,
-            "reads the recorded scheme only; the old independent-Bernoulli dropout is invalid (the validation plan's fix). "
-            "Whether the model learned the null conditions: the probe above",
+            "CFG dropout is exclusive and draws every mode (config)",
+            PASS if scheme.startswith("exclusive") and not never else FAIL,
+            scheme + (f" ({', '.join(never)} never drawn: never trained)" if never else ""),
+            "reads the recorded scheme only; the old independent-Bernoulli dropout is invalid (the validation plan's fix), "
+            "and a mode the dropout never draws is never trained. Whether the model learned each mode: the probes above",
         )
     )
     return out
+
+
+def _modes_never_drawn(scheme: str) -> list[str]:
+    """The modes an exclusive scheme string (`CFGDropout.scheme`) gives a count of 0."""
+    if not scheme.startswith("exclusive") or ":" not in scheme:
+        return []
+    counts = dict(part.split("=") for part in scheme.split(":", 1)[1].split(","))
+    return [mode for mode, count in counts.items() if int(count) == 0]
 
 
 def _validation_indicators(results: dict, t: Thresholds) -> list[Indicator]:

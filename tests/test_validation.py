@@ -274,6 +274,16 @@ def test_the_old_cfg_scheme_is_a_no_go():
     assert verdict(indicators)[0] == "NO-GO"
 
 
+def test_a_dropout_that_never_draws_a_mode_is_a_no_go():
+    from nano_dit.cfg_dropout import CFGDropout
+
+    name = "CFG dropout is exclusive and draws every mode (config)"
+    assert _statuses(HEALTHY, _results())[name] == PASS
+    scheme = CFGDropout(0.8, 0.1, 0.0, 0.1).scheme  # the text-only mode never drawn
+    indicators = {i.name: i for i in evaluate(HEALTHY, _results(), Thresholds(), 10, scheme)}
+    assert indicators[name].status == FAIL and "text_only never drawn" in indicators[name].value
+
+
 def test_a_run_that_stopped_itself_is_judged_on_its_log():
     records = HEALTHY[:100] + [
         LogRecord(101 + i, float("nan"), float("inf"), 1e-3, 0.99, 1.0, 0.0, skipped=True) for i in range(10)
