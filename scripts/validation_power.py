@@ -12,9 +12,11 @@ null conditions never learned), the timestep replaced by a constant (a model bli
 level), the plan's old independent-Bernoulli CFG dropout, a learning rate that diverges, and a CFG
 mode (text only, image only) that the dropout never draws, so the model never learns it. The
 breaks are made here, from outside the package (`broken`: a forward pre-hook on every model built,
-or the old dropout in place of the exclusive one); the package itself carries no fault switch. Each run validates once, at its last step. Prints the fault × indicator table
-(markdown) and writes it to runs/validation_power/table.md. Offline, CPU: about 4 minutes a run
-on 2 cores.
+or the old dropout in place of the exclusive one); the package itself carries no fault switch.
+Each run validates once, at its last step. Prints the fault × indicator table (markdown) and
+writes it to runs/validation_power/table.md; with the good run and a never-trained one, also
+mode_samples.png, their CFG-mode sheets one under another (docs/mode_samples_never_trained.png).
+Offline, CPU: about 7 minutes a run on 2 cores of their own.
 """
 
 from __future__ import annotations
@@ -179,6 +181,35 @@ def main() -> None:
     table = _table(rows)
     print(table)
     Path(args.out, "table.md").write_text(table + "\n")
+    figure = mode_figure(Path(args.out), [n for n in rows if n == "good" or n.endswith("-never-trained")])
+    if figure:
+        print(f"The CFG modes' samples, run by run: {figure}")
+
+
+def mode_figure(out: Path, names: list[str]) -> Path | None:
+    """The runs' CFG-mode sheets (their last validation's `modes/sheet.png`: training images, then
+    unguided text-only and image-only samples from the same noise) one under another, each under
+    its run's name, in `out`/mode_samples.png. None where fewer than two runs have one."""
+    from PIL import Image, ImageDraw
+
+    sheets = {}
+    for name in names:
+        found = sorted((out / name / "validation").glob("step*/modes/sheet.png"))
+        if found:
+            sheets[name] = Image.open(found[-1]).convert("RGB")
+    if len(sheets) < 2:
+        return None
+    label = 16
+    width = max(sheet.width for sheet in sheets.values())
+    figure = Image.new("RGB", (width, sum(sheet.height + label for sheet in sheets.values())), "white")
+    draw, y = ImageDraw.Draw(figure), 0
+    for name, sheet in sheets.items():
+        draw.text((4, y + 3), f"run: {name}", fill="black")
+        figure.paste(sheet, (0, y + label))
+        y += sheet.height + label
+    path = out / "mode_samples.png"
+    figure.save(path)
+    return path
 
 
 def rejudge(out: Path, config) -> dict:

@@ -576,3 +576,17 @@ def test_the_fault_harness_leaves_the_package_as_it_was(tiny_config):
         assert TrainConfig().cfg_dropout().scheme.startswith("independent-bernoulli")
     assert TrainConfig().cfg_dropout().scheme.startswith("exclusive")
     assert not hasattr(TrainConfig(), "fault")  # no switch in the package
+
+
+def test_the_fault_table_stacks_the_runs_mode_sheets(tmp_path):
+    from PIL import Image
+
+    mode_figure = load_script("validation_power").mode_figure
+    for name, colour, height in (("good", "red", 30), ("text-only-never-trained", "blue", 20)):
+        folder = tmp_path / name / "validation" / "step0000010" / "modes"
+        folder.mkdir(parents=True)
+        Image.new("RGB", (40, height), colour).save(folder / "sheet.png")
+    assert mode_figure(tmp_path, ["good"]) is None  # nothing to set beside it
+    figure = Image.open(mode_figure(tmp_path, ["good", "text-only-never-trained", "missing-run"]))
+    assert figure.size == (40, 16 + 30 + 16 + 20)  # each sheet under a 16-pixel label
+    assert figure.getpixel((20, 16 + 15)) == (255, 0, 0) and figure.getpixel((20, 16 + 30 + 16 + 10)) == (0, 0, 255)
