@@ -13,6 +13,11 @@ nothing, so the number reads only the part of the picture the test is about: the
 A's shapes, the place an object was moved from and to, the area of a recoloured shape. 0 is the
 source, 1 the target; 0.5 is the half-way point, past which the output is nearer the target than
 the source pixel for pixel: the line every test below draws.
+
+Where a test asks only whether *some* shape was drawn, wherever it is (the image-only CFG mode,
+whose samples may draw another training image of their scene), `shape_pixels` counts the pixels
+that stand off the bare scene as the set's faintest shape does, against the area of its smallest
+(`faintest_shape`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,29 @@ def drawn(layout: Layout, resolution: int) -> torch.Tensor:
 def scene_alone(layout: Layout, resolution: int) -> torch.Tensor:
     """The layout's scene with no shapes, `(3, H, W)` in [0, 1], drawn as the images are."""
     return drawn(Layout([], layout.scene), resolution)
+
+
+def faintest_shape(layouts: list[Layout], resolution: int) -> tuple[float, int]:
+    """What a picture must hold to count as showing a shape, from the set's own shapes: half the
+    lowest contrast any of them has against its scene (the largest channel difference), and the
+    area in pixels that the smallest of them covers at that contrast."""
+    contrast, diffs = [], []
+    for layout in layouts:
+        bare = scene_alone(layout, resolution)
+        for shape in layout.objects:
+            diff = (drawn(Layout([shape], layout.scene), resolution) - bare).abs().amax(0)
+            contrast.append(diff.max().item())
+            diffs.append(diff)
+    line = HALF_WAY * min(contrast)
+    return line, min(int((diff > line).sum()) for diff in diffs)
+
+
+def shape_pixels(output: torch.Tensor, scene: torch.Tensor, contrast: float) -> torch.Tensor:
+    """Per image, how many pixels of `output` stand off its bare `scene` (both `(N, 3, H, W)`) by
+    more than `contrast`, wherever they are. The picture's median difference is taken off first,
+    so that a scene drawn a little off as a whole does not read as shapes everywhere."""
+    diff = (output - scene).abs().amax(1).flatten(1)  # (N, H·W)
+    return (diff - diff.median(1, keepdim=True).values > contrast).sum(1)
 
 
 def swapped(a: Layout, b: Layout) -> Layout:

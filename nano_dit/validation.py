@@ -635,7 +635,6 @@ def _mode_samples(pipe, bucket, truth, noise, precision, num_inference_steps: in
         sampling = SamplingConfig(num_inference_steps, text_scale, image_scale, "independent", batch_size=len(rows))
         drawn[mode] = generate(pipe, bucket, rows, noise, sampling, precision)
     figures, went = measure_mode_samples(drawn["text"], drawn["image"], truth, layouts)
-    figures["image_shapes"]["nearest"] = [bucket.keys[i] for i in figures["image_shapes"]["nearest"]]
     cells = [truth[i] for i in rows] + list(drawn["text"]) + list(drawn["image"])
     captions = [f"{bucket.keys[i]}: {bucket.captions[i]}" for i in rows]
     captions += [f"text only: shapes {t:.2f}" for t in went["text"].tolist()]
@@ -653,47 +652,40 @@ def measure_mode_samples(
 ) -> tuple[dict, dict]:
     """How far the text-only and image-only samples of the set's first rows (`(K, 3, H, W)` in
     [0, 1], from the same noise) drew what their mode was given; `truth` `(N, 3, H, W)` and
-    `layouts` are the whole set's. Three measures, each from what a model that failed draws toward
-    the truth (`ground_truth.toward`):
+    `layouts` are the whole set's. Three measures; a sample counts at `ground_truth.HALF_WAY`:
 
-    - `text`, the captioned shapes: from the bare scene toward the original, read on the shapes
-      (the scene is not the caption's to tell);
+    - `text`, the captioned shapes: from the bare scene toward the original
+      (`ground_truth.toward`), read on the shapes (the scene is not the caption's to tell);
     - `image`, its own scene: from the same shapes on another scene toward the original, read on
       the scene;
-    - `image_shapes`, shapes on that scene: from the bare own scene toward the training image of
-      that scene nearest the sample, read on that image's shapes. The embedding is of the whole
-      picture and every training image has shapes: a mode that learned it draws some, while one
-      never learned (composed from the both-conditions and null modes) leaves the scene bare.
+    - `image_shapes`, shapes on that scene: the pixels that stand off the bare own scene as a shape
+      of the set does, wherever they are, over the area of the set's smallest shape
+      (`ground_truth.faintest_shape`: 0 is the bare scene, 1 that smallest shape). The embedding
+      is of the whole picture and every training image has a shape: a mode that learned it draws
+      some (not always the image's own), while one never learned (composed from the
+      both-conditions and null modes) leaves the scene bare.
 
-    Returns the figures (per measure, the values and the share at least half-way,
-    `ground_truth.HALF_WAY`; for `image_shapes` also the index of each sample's nearest image) and
-    the per-sample values, NaN where there is nothing to measure."""
-    rows = range(len(text_only))
+    Returns the figures (per measure, its values and the share counted) and the per-sample values
+    (NaN where there is nothing to measure)."""
+    rows = list(range(len(text_only)))
     side, own = truth.shape[-1], [layouts[k] for k in rows]
     bare = torch.stack([ground_truth.scene_alone(layout, side) for layout in own])
     others = [own[(k + 1) % len(own)].scene for k in rows]
     elsewhere = _drawn([Layout(layout.objects, scene) for layout, scene in zip(own, others)], side)
-    nearest = [
-        min(
-            (i for i, layout in enumerate(layouts) if layout.scene == own[k].scene),
-            key=lambda i, k=k: (image_only[k] - truth[i]).pow(2).sum().item(),
-        )
-        for k in rows
-    ]
-    measures = {  # name -> (samples, source, target)
-        "text": (text_only, bare, truth[list(rows)]),
-        "image": (image_only, elsewhere, truth[list(rows)]),
-        "image_shapes": (image_only, bare, truth[nearest]),
+    contrast, smallest = ground_truth.faintest_shape(layouts, side)
+    went = {
+        "text": ground_truth.toward(text_only, bare, truth[rows]),
+        "image": ground_truth.toward(image_only, elsewhere, truth[rows]),
+        "image_shapes": ground_truth.shape_pixels(image_only, bare, contrast).float() / smallest,
     }
-    figures, went = {}, {}
-    for name, (samples, source, target) in measures.items():
-        went[name] = ground_truth.toward(samples, source, target)
-        known = went[name][~went[name].isnan()]
+    figures = {}
+    for name, values in went.items():
+        known = values[~values.isnan()]
         figures[name] = {
-            "toward_truth": known.tolist(),
+            "values": known.tolist(),
             "share_drawn": (known >= ground_truth.HALF_WAY).float().mean().item() if len(known) else None,
         }
-    figures["image_shapes"]["nearest"] = nearest
+    figures["image_shapes"].update(contrast=contrast, smallest_shape_pixels=smallest)
     return figures, went
 
 

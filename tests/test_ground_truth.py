@@ -152,15 +152,28 @@ def test_the_mode_samples_measure_fails_bare_scenes_and_passes_training_pictures
     bare = torch.stack([ground_truth.scene_alone(layout, side) for layout in layouts[:k]])
     # each row drawn as another training image of its own scene: a learned mode that recombines
     sibling = [next(i for i, o in enumerate(layouts) if o.scene == layouts[r].scene and i != r) for r in range(k)]
-    figures, _ = measure_mode_samples(truth[:k], truth[sibling], truth, layouts)
+    figures, went = measure_mode_samples(truth[:k], truth[sibling], truth, layouts)
     assert figures["text"]["share_drawn"] == 1.0 and figures["image"]["share_drawn"] == 1.0
     assert figures["image_shapes"]["share_drawn"] == 1.0
-    assert figures["image_shapes"]["nearest"] == sibling  # its nearest is the image it drew
+    assert (went["image_shapes"] >= 1).all()  # every training image holds at least the smallest shape
     # the image-only mode never learned: the right scene, left bare
     figures, went = measure_mode_samples(truth[:k], bare, truth, layouts)
     assert figures["image"]["share_drawn"] >= 0.8  # the scene alone still reads as its own scene
+    assert figures["image_shapes"]["share_drawn"] == 0.0 and (went["image_shapes"] == 0).all()
+    # ... or its scene drawn a little off as a whole: still no shapes
+    figures, _ = measure_mode_samples(truth[:k], (bare + 0.15).clamp(0, 1), truth, layouts)
     assert figures["image_shapes"]["share_drawn"] == 0.0
-    assert went["image_shapes"].tolist() == pytest.approx([0.0] * k, abs=1e-6)
     # the text-only mode never learned: the bare scene, no shapes
     figures, _ = measure_mode_samples(bare, truth[:k], truth, layouts)
     assert figures["text"]["share_drawn"] == 0.0
+
+
+def test_the_faintest_shape_is_read_off_the_set():
+    layouts = sample_layouts(100, seed=0)
+    contrast, smallest = ground_truth.faintest_shape(layouts, 32)
+    assert 0 < contrast < 0.5 and 0 < smallest < 32 * 32 * 0.05
+    one = next(layout for layout in layouts if len(layout.objects) == 1)
+    bare, drawn = ground_truth.scene_alone(one, 32), ground_truth.drawn(one, 32)
+    assert ground_truth.shape_pixels(drawn[None], bare[None], contrast).item() >= smallest
+    faint = bare + (drawn - bare) * 0.9 * contrast / (drawn - bare).abs().max()  # just under the line
+    assert ground_truth.shape_pixels(faint[None], bare[None], contrast).item() == 0
