@@ -160,8 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
         LPIPS_BACKBONES,
         MIXED_PRECISIONS,
         PRESETS,
-        RENAMED,
-        RenamedFlag,
         SamplingConfig,
         add_flags,
         flag_fields,
@@ -217,8 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--revision", default=None, help="Hub revision to pin (keys the cache)")
     encode.add_argument(
         "--max-sequence-length",
-        "--max-text-length",  # its earlier name, which warns
-        action=RenamedFlag,
         type=_number(int),
         default=defaults.max_sequence_length,
         help="T5 tokens kept of a caption (the shipped pipeline keeps the same)",
@@ -270,9 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", default=None, help="run folder for validation/ and RESULTS.md (default: the checkpoint's run)"
     )
     # The sampling settings, as the trainer's flags name them; unset: the run's own.
-    add_flags(
-        val, flag_fields(SamplingConfig), "default: the run's", renamed={**RENAMED, "steps": "num_inference_steps"}
-    )
+    add_flags(val, flag_fields(SamplingConfig), "default: the run's")
     val.add_argument("--lpips-backbone", choices=LPIPS_BACKBONES, default="pretrained", help="default: pretrained")
     val.add_argument(
         "--compile",

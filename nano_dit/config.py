@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -337,13 +336,10 @@ class TrainConfig:
 
     @classmethod
     def from_saved(cls, values: dict, model: dict | None = None) -> TrainConfig:
-        """The config a checkpoint or a model card recorded, older spellings included; fields this
-        version does not know are left out. `model`: the model config, where it was recorded apart."""
-        values = {RENAMED.get(k, k): v for k, v in values.items()}
+        """The config a checkpoint or a model card recorded (`dataclasses.asdict` of one); fields
+        this version does not know are left out. `model`: the model config, where it was recorded apart."""
+        values = dict(values)
         sampling = dict(values.pop("sampling", None) or {})
-        for name in _field_names(SamplingConfig):  # recorded flat before the sampling settings nested
-            if name in values and name != "batch_size":
-                sampling[name] = values.pop(name)
         known = _field_names(cls)
         fields = {k: v for k, v in values.items() if k in known}
         fields["sampling"] = SamplingConfig(**{k: v for k, v in sampling.items() if k in _field_names(SamplingConfig)})
@@ -369,11 +365,6 @@ class TrainConfig:
         else:
             spec = EncoderSpec(self.text_encoder, self.image_encoder, vae=None if self.pixel_mode else self.vae)
         return dataclasses.replace(spec, max_sequence_length=self.max_sequence_length)
-
-
-# Settings that changed name: the old spelling still works (flags, YAML, saved configs), with a
-# deprecation message for flags and YAML.
-RENAMED = {"text_guidance_scale": "guidance_scale", "validation_steps": "num_inference_steps"}
 
 
 def _field_names(cls) -> set[str]:
@@ -406,38 +397,19 @@ def flag_fields(cls=TrainConfig) -> list[dataclasses.Field]:
     return out
 
 
-def add_flags(
-    parser: argparse.ArgumentParser, fields: list[dataclasses.Field], default_note: str, renamed: dict = RENAMED
-) -> None:
-    """One flag per field, its type, choices and help read from the field; renamed ones keep their
-    old spelling (`renamed`: old name -> new), which warns. `default_note` says where an unset
-    flag's value comes from (`{default}`: the field's default). Unset flags parse as None."""
+def add_flags(parser: argparse.ArgumentParser, fields: list[dataclasses.Field], default_note: str) -> None:
+    """One flag per field, its type, choices and help read from the field. `default_note` says where
+    an unset flag's value comes from (`{default}`: the field's default). Unset flags parse as None."""
     for f in fields:
         kind = next((t for t in (bool, int, float) if f.type.startswith(t.__name__)), str)  # "int | None" -> int
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f"{f.metadata['help']} ({default_note.format(default=default)})".replace("%", "%%")
-        names = [_flag(f.name)] + [_flag(old) for old, new in renamed.items() if new == f.name]
         if kind is bool:
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         parser.add_argument(
-            *names,
-            dest=f.name,
-            type=kind,
-            default=None,
-            choices=f.metadata.get("choices"),
-            action=RenamedFlag if len(names) > 1 else "store",
-            help=help_text,
+            _flag(f.name), dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text
         )
-
-
-class RenamedFlag(argparse.Action):
-    """Stores the value; given under an old spelling, says the new one."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if option_string != self.option_strings[0]:
-            warnings.warn(f"{option_string} is deprecated: use {self.option_strings[0]}", FutureWarning, stacklevel=1)
-        setattr(namespace, self.dest, values)
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -470,13 +442,7 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         parser.error(f"--config {path}: {err}")
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    values = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name in RENAMED:
-            warnings.warn(f"--config {path}: {key} is deprecated: use {RENAMED[name]}", FutureWarning, stacklevel=2)
-            name = RENAMED[name]
-        values[name] = value
+    values = {str(key).replace("-", "_"): value for key, value in data.items()}
     unknown = sorted(set(values) - {f.name for f in flag_fields()})
     if unknown:
         parser.error(f"--config {path}: unknown settings {unknown}")

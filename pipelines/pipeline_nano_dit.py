@@ -21,7 +21,6 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import SanaLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
-from diffusers.utils import deprecate
 from diffusers.utils.torch_utils import randn_tensor
 
 # The sampling defaults, declared here once: the trainer's validation, `nano-dit validate` and the
@@ -280,7 +279,6 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         attention_kwargs: dict | None = None,
         max_sequence_length: int | None = None,
-        **kwargs,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate images from a prompt and a reference image, with dual classifier-free guidance.
 
@@ -300,8 +298,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
                 or a NumPy (B, H, W, 3) array, float in [0, 1] or uint8); or give `image_embeds`
                 (and `image_tokens` for a model that uses them).
             guidance_scale, image_guidance_scale: the text scale s_t and the image scale s_i (≥ 0),
-                diffusers' names for them (as InstructPix2Pix); `text_guidance_scale`, the old
-                name of the first, still works and is deprecated.
+                diffusers' names for them (as InstructPix2Pix).
             guidance_mode: "nested" (the default: it evaluates both conditions together, the mode
                 70 % of training teaches, and measured better on the demo; see docs/validation.md) or
                 "independent" (the validation plan's formula).
@@ -320,10 +317,6 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         Returns:
             `ImagePipelineOutput` with `images`, or a 1-tuple when `return_dict=False`.
         """
-        old_name = deprecate(
-            "text_guidance_scale", "1.0.0", "Pass `guidance_scale` (the text scale) instead.", take_from=kwargs
-        )  # also refuses any other unknown keyword, naming it
-        guidance_scale = guidance_scale if old_name is None else old_name
         device = self._execution_device
         self.check_inputs(
             prompt, image, prompt_embeds, image_embeds, guidance_scale, image_guidance_scale, guidance_mode,

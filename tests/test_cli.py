@@ -64,14 +64,12 @@ def test_subcommand_flags_are_checked_at_the_door(argv, message, tmp_path, capsy
 @pytest.mark.parametrize(
     "argv,dest,value",
     [
-        (["validate", "--checkpoint", "c", "--steps", "7"], "num_inference_steps", 7),
-        (["validate", "--checkpoint", "c", "--text-guidance-scale", "2.5"], "guidance_scale", 2.5),
-        (["data", "encode", "--shards", "s", "--cache", "c", "--max-text-length", "9"], "max_sequence_length", 9),
+        (["validate", "--checkpoint", "c", "--num-inference-steps", "7"], "num_inference_steps", 7),
+        (["validate", "--checkpoint", "c", "--guidance-scale", "2.5"], "guidance_scale", 2.5),
+        (["data", "encode", "--shards", "s", "--cache", "c", "--max-sequence-length", "9"], "max_sequence_length", 9),
     ],
 )
-def test_renamed_subcommand_flags_keep_their_old_spelling_with_a_deprecation(argv, dest, value):
+def test_subcommand_flags_take_the_trainer_s_names(argv, dest, value):
     from nano_dit.cli import build_parser
 
-    with pytest.warns(FutureWarning, match=f"{argv[-2]} is deprecated: use --"):
-        args = build_parser().parse_args(argv)
-    assert getattr(args, dest) == value
+    assert getattr(build_parser().parse_args(argv), dest) == value

@@ -476,13 +476,10 @@ def test_callbacks_read_the_call_state_and_may_interrupt_as_in_diffusers(tiny_mo
     assert torch.equal(out, at_step_1["latents"])
 
 
-def test_guidance_scale_is_the_text_scale_and_the_old_name_still_works_with_a_warning(tiny_model, tiny_config):
+def test_guidance_scale_is_the_text_scale(tiny_model, tiny_config):
     args = dict(**_conditions(tiny_config), num_inference_steps=2, output_type="latent")
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     new = _pipe(tiny_model)(**args, latents=latents, guidance_scale=2.5).images
-    with pytest.warns(FutureWarning, match="text_guidance_scale.*guidance_scale"):
-        old = _pipe(tiny_model)(**args, latents=latents, text_guidance_scale=2.5).images
-    assert torch.equal(old, new)
     default = _pipe(tiny_model)(**args, latents=latents).images
     assert not torch.equal(default, new)  # the scale took effect
     with pytest.raises(TypeError, match="guidance_scal"):
