@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import re
@@ -124,13 +125,33 @@ def test_the_sampling_defaults_are_the_pipelines_own():
     from nano_dit.config import SamplingConfig, TrainConfig
 
     call = inspect.signature(NanoDiTPipeline.__call__).parameters
-    sampling = TrainConfig().sampling
+    sampling = SamplingConfig()
     for name in ("num_inference_steps", "guidance_scale", "image_guidance_scale", "guidance_mode"):
         assert getattr(sampling, name) == call[name].default, name
+    assert parse_config(["--preset", "nano"]).sampling == sampling  # the plan's run samples as the pipeline does
+    demo = TrainConfig().sampling  # the demo's guidance, its one departure
+    assert (demo.guidance_scale, demo.image_guidance_scale) == (2.0, 1.5)
+    assert dataclasses.replace(demo, guidance_scale=3.0, image_guidance_scale=2.0) == sampling
     assert SamplingConfig.__dataclass_fields__["guidance_mode"].metadata["choices"] == ("independent", "nested")
     readme = (Path(__file__).parents[1] / "README.md").read_text()  # its example shows the defaults
     assert f"guidance_scale={sampling.guidance_scale},  # text" in readme
     assert f"image_guidance_scale={sampling.image_guidance_scale}," in readme
+
+
+def test_one_set_of_defaults_the_ones_that_take_effect_shown_by_help(capsys):
+    from nano_dit.config import PRESETS, TrainConfig
+
+    assert dataclasses.replace(parse_config([]), model={}) == TrainConfig()  # no flag: the defaults, as declared
+    assert PRESETS["demo"]["train"] == {}  # the default preset sets nothing of its own
+    nano = parse_config(["--preset", "nano"])
+    for name, value in PRESETS["nano"]["train"].items():
+        assert getattr(nano.sampling if "guidance" in name else nano, name) == value, name
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optimizer steps (default: 2000; --preset nano: 5000)" in text
+    assert "(default: 2.0; --preset nano: 3.0)" in text  # the run's guidance, not the pipeline's
+    assert "the preset's, else" not in text
 
 
 def test_a_saved_config_reads_back_and_unknown_fields_are_left_out():
