@@ -640,13 +640,17 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
         The token comes from `token`, the `HF_TOKEN` environment variable or `hf auth login`; it
         is never printed or logged."""
-        from huggingface_hub import create_repo
+        from huggingface_hub import create_repo, upload_folder
 
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
-            return self._upload_folder(
-                folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr
+            return upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                token=token,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                create_pr=create_pr,
             )
 
 

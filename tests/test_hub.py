@@ -37,7 +37,7 @@ class FakeHub:
     def __init__(self, monkeypatch):
         self.uploads, self.tokens = [], []
         monkeypatch.setattr(huggingface_hub, "create_repo", self.create_repo)
-        monkeypatch.setattr("diffusers.utils.hub_utils.upload_folder", self.upload_folder)
+        monkeypatch.setattr(huggingface_hub, "upload_folder", self.upload_folder)
 
     def create_repo(self, repo_id, token=None, private=None, exist_ok=False, **kwargs):
         self.tokens.append(token)
@@ -122,7 +122,7 @@ def test_a_failed_push_says_why_in_one_line_and_where_the_local_copy_is(tmp_path
         raise OSError("Connection refused: huggingface.co\nmore detail")
 
     monkeypatch.setattr(hub, "upload_folder", offline)
-    monkeypatch.setattr("diffusers.utils.hub_utils.upload_folder", offline)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", offline)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with pytest.raises(RuntimeError) as info:
         _train(tmp_path, stand_in_dir, "--push-to-hub", "--hub-model-id", "user/demo", "--total-steps", "10")
