@@ -76,7 +76,8 @@ class CFGDropout:
 
     @property
     def scheme(self) -> str:
-        """A string that identifies the dropout scheme; checkpoints record it (resume refuses others)."""
+        """A string that identifies the dropout scheme; checkpoints record it (resume refuses others).
+        `scheme_counts` reads it back."""
         modes = ",".join(f"{m.name.lower()}={c}" for m, c in zip(CFGMode, self.counts))
         return f"exclusive-bag{self.bag_size}:{modes}"
 
@@ -133,3 +134,11 @@ class CFGDropout:
 
     def __repr__(self) -> str:
         return f"CFGDropout({self.scheme}, seed={self.seed}, drawn={self.num_drawn})"
+
+
+def scheme_counts(scheme: str) -> dict[str, int] | None:
+    """Each mode's draws per bag in a recorded exclusive scheme (`CFGDropout.scheme`), e.g.
+    {"both": 70, "none": 10, "text_only": 10, "image_only": 10}; None for any other scheme."""
+    if not scheme.startswith("exclusive") or ":" not in scheme:
+        return None
+    return {mode: int(count) for mode, count in (part.split("=") for part in scheme.split(":", 1)[1].split(","))}

@@ -12,6 +12,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .cfg_dropout import scheme_counts
 from .config import Thresholds
 from .timings import read_timings, timings_table
 from .training_log import LogRecord, read_log
@@ -114,7 +115,7 @@ def evaluate(
     )
     if results is not None:
         out += _validation_indicators(results, t)
-    never = _modes_never_drawn(scheme)
+    never = [mode for mode, count in (scheme_counts(scheme) or {}).items() if count == 0]
     out.append(
         Indicator(
             "CFG dropout is exclusive and draws every mode (config)",
@@ -125,14 +126,6 @@ def evaluate(
         )
     )
     return out
-
-
-def _modes_never_drawn(scheme: str) -> list[str]:
-    """The modes an exclusive scheme string (`CFGDropout.scheme`) gives a count of 0."""
-    if not scheme.startswith("exclusive") or ":" not in scheme:
-        return []
-    counts = dict(part.split("=") for part in scheme.split(":", 1)[1].split(","))
-    return [mode for mode, count in counts.items() if int(count) == 0]
 
 
 def _validation_indicators(results: dict, t: Thresholds) -> list[Indicator]:

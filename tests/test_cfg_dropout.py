@@ -94,3 +94,15 @@ def test_the_old_independent_bernoulli_scheme_mixes_the_modes_and_names_itself()
     again = IndependentDropout(0.2, 0.2, seed=1)
     again.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(old.sample(50), again.sample(50)))
+
+
+def test_a_recorded_scheme_reads_back_as_its_counts():
+    from nano_dit.cfg_dropout import scheme_counts
+
+    assert scheme_counts(CFGDropout(0.8, 0.1, 0.0, 0.1).scheme) == {
+        "both": 80,
+        "none": 10,
+        "text_only": 0,
+        "image_only": 10,
+    }
+    assert scheme_counts("independent-bernoulli:text=0.2,image=0.2") is None
