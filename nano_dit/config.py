@@ -177,9 +177,13 @@ PRESETS: dict[str, dict] = {
     },
 }
 
-# The demo's guidance (TrainConfig's default; the pipeline's own is the plan's 3 / 2, which the
-# nano preset keeps): under it the memorised model's samples stay crisp.
-DEMO_GUIDANCE = {"guidance_scale": 2.0, "image_guidance_scale": 1.5}
+
+def _run_sampling() -> SamplingConfig:
+    """TrainConfig's sampling: the pipeline's, at the demo's guidance 2 / 1.5, under which the
+    memorised model's samples stay crisp (the pipeline's own 3 / 2, which the nano preset keeps,
+    overshoots)."""
+    return replace(SamplingConfig(), guidance_scale=2.0, image_guidance_scale=1.5)
+
 
 _ENCODERS = EncoderSpec()
 _OBJECTIVE = FlowMatching()
@@ -272,9 +276,7 @@ class TrainConfig:
     # -- validation: the plan's three tests on the EMA weights, then RESULTS.md (nano_dit.validation)
     validation: bool = setting(True, "--no-validation skips the tests (and loading the encoders they need)")
     validation_every: int = setting(2000, "steps between validations; the last step is always validated")
-    sampling: SamplingConfig = setting(
-        help="how validation samples", factory=lambda: replace(SamplingConfig(), **DEMO_GUIDANCE)
-    )
+    sampling: SamplingConfig = setting(help="how validation samples", factory=_run_sampling)
     lpips_backbone: str = setting(
         "pretrained", "LPIPS AlexNet: pretrained (cached / fetched once), random or none", choices=LPIPS_BACKBONES
     )
@@ -405,7 +407,7 @@ def add_flags(
     """One flag per field, its type, choices and help read from the field. `default_note` says where
     an unset flag's value comes from (`{default}`: the field's default); `presets`: also each
     preset's own value, where it sets one. Unset flags parse as None."""
-    sampling = TrainConfig().sampling
+    sampling = _run_sampling()
     for f in fields:
         kind = next((t for t in (bool, int, float) if f.type.startswith(t.__name__)), str)  # "int | None" -> int
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -438,7 +440,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     preset = flags.get("preset") or from_file.get("preset") or TrainConfig.preset
     values = {**PRESETS[preset]["train"], **from_file, **flags}
     sampling_names = {f.name for f in flag_fields(SamplingConfig)}
-    sampling = replace(TrainConfig().sampling, **{k: values.pop(k) for k in sampling_names if k in values})
+    sampling = replace(_run_sampling(), **{k: values.pop(k) for k in sampling_names if k in values})
     config = TrainConfig(**values, sampling=sampling, model=dict(PRESETS[preset]["model"]))
     try:
         config.check()
