@@ -19,6 +19,8 @@ import os
 import shutil
 import sys
 import time
+import uuid
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -31,6 +33,8 @@ from nano_dit import NanoDiTTransformer2DModel
 from nano_dit.checkpointing import (
     check_replicas_agree,
     check_resumable,
+    checkpoint_ema_with_the_state,
+    checkpoint_name,
     list_checkpoints,
     load_process_state,
     read_state,
@@ -40,27 +44,25 @@ from nano_dit.checkpointing import (
 from nano_dit.config import TrainConfig, parse_config
 from nano_dit.data import CachedBatches, cache_fits_on_device, conditioning, model_config_for, prepare_data, to_device
 from nano_dit.feature_cache import cache_nbytes, load_cache
-from nano_dit.flow_matching import loss_by_sigma_bin
-from nano_dit.hub import PushFailed, export_run
+from nano_dit.flow_matching import LossBySigma
+from nano_dit.hub import PushFailed, ema_pipeline, export_run, recorded_figures
+from nano_dit.metrics import ImageMetrics
+from nano_dit.recorder import ValidationRecorder
+from nano_dit.report import ReportInputs
+from nano_dit.sampling import Sampler, compile_for_sampling
 from nano_dit.step_guard import ema_step, optimizer_step
-from nano_dit.timings import PhaseTimer, RunTimings, describe_device, phase
+from nano_dit.timings import PhaseTimer, RunTimings, describe_device
 from nano_dit.training_log import TrainingLog
-from nano_dit.validation import Validator
+from nano_dit.validation import validate
 
 SIGMA_BINS = 4  # the tracker gets the loss per quarter of the noise range
-SIGMA_BIN_NAMES = [f"loss_sigma_{i / SIGMA_BINS:.2f}-{(i + 1) / SIGMA_BINS:.2f}" for i in range(SIGMA_BINS)]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train; returns the last validation's results. Every phase is timed into
+    """Train; returns the last validation's results and verdict. Every phase is timed into
     `<output-dir>/timings.json`."""
-    with PhaseTimer() as timer:
-        return train(argv, timer)
-
-
-def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
     # ---------------------------------------------------------------- setup
-    started = time.perf_counter()
+    started, timer = time.perf_counter(), PhaseTimer()
     config = parse_config(argv)
     # Unset flags (None) leave the choice to `accelerate launch` (its flags or config file).
     accelerator = Accelerator(
@@ -77,16 +79,16 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
     if device.type == "cpu":  # `accelerate launch` sets OMP_NUM_THREADS=1 unless asked otherwise
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(config.cpu_threads or max(cores // accelerator.num_processes, 1))
-    ckpt_dir = config.checkpoints
-    check_output_dir(config, ckpt_dir, remove=accelerator.is_main_process)
+    checkpoint_dir = config.checkpoint_dir
+    check_output_dir(config, remove=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     timer.device = device  # phases end when the device's queued work has
 
     # ---------------------------------------------------------------- data
     with accelerator.main_process_first():  # one process encodes, the others then read the cache
         if accelerator.is_main_process:
-            accelerator.print(prepare_data(config).summary())
-        with phase("data: loading the cache"):  # straight to the device when it belongs there
+            accelerator.print(prepare_data(config, timer).summary())
+        with timer.phase("data: loading the cache"):  # straight to the device when it belongs there
             on_device = {"auto": None, "yes": True, "no": False}[config.cache_on_device]
             if on_device is None:
                 on_device = cache_fits_on_device(cache_nbytes(config.cache), device)
@@ -99,11 +101,18 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(buckets))
 
     # ---------------------------------------------------------------- model
-    with phase("model: build"):
+    with timer.phase("model: build"):
         model = NanoDiTTransformer2DModel(**config.model)
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, foreach=True)
+        ema = EMAModel(
+            model.parameters(),
+            decay=config.ema_decay,
+            use_ema_warmup=True,
+            foreach=True,
+            model_cls=NanoDiTTransformer2DModel,
+            model_config=model.config,
+        )
         optimizer = build_optimizer(config, model, device)
         # Accelerate steps a prepared scheduler once per process at each optimizer step, hence the
         # scaling (as diffusers' training scripts do): the schedule spans total_steps optimizer steps.
@@ -116,7 +125,7 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
     params = list(model.parameters())  # walked once, not at every clip and EMA update
     objective = config.objective()
     cfg_dropout = config.cfg_dropout(rank=accelerator.process_index)
-    accelerator.register_for_checkpointing(ema)  # the same on every process; save_state carries it
+    checkpoint_ema_with_the_state(accelerator, ema)  # the same on every process: the main one saves it
     stand_in = manifest["encoders"]["stand_in"]
     accelerator.print(
         f"NanoDiT: {accelerator.unwrap_model(model, keep_torch_compile=False).num_parameters() / 1e6:.2f}M parameters; "
@@ -126,29 +135,32 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
     )
 
     # ---------------------------------------------------------------- resume
-    start_step = 0
-    path = resolve_resume(config.resume, ckpt_dir) if config.resume else None
+    start_step, run_id = 0, uuid.uuid4().hex[:12]  # the run's id: its checkpoints and validations carry it
+    path = resolve_resume(config.resume, checkpoint_dir) if config.resume else None
     if path is not None:
         saved = read_state(path)
         check_resumable(saved, config.model, cfg_dropout.scheme, path)
-        with phase("checkpoints: resume"):
+        with timer.phase("checkpoints: resume"):
             accelerator.load_state(str(path))
         restore_samplers(path, accelerator, {"cfg_dropout": cfg_dropout, "batches": batches})
-        start_step = saved["step"]
+        start_step, run_id = saved["step"], saved["run_id"]
         accelerator.print(f"resumed from {path} at step {start_step}")
     if accelerator.is_main_process:
-        os.makedirs(ckpt_dir, exist_ok=True)
+        os.makedirs(checkpoint_dir, exist_ok=True)
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump(config_record(config), f, indent=2)
     accelerator.init_trackers("nano-dit", config=tracker_config(config))
 
     # ---------------------------------------------------------------- loop
-    log_path = os.path.join(ckpt_dir, "training_log.jsonl")
+    log_path = os.path.join(checkpoint_dir, "training_log.jsonl")
     settings = {"device": describe_device(device), "mixed_precision": config.mixed_precision}
     settings.update(compile=config.compile, start_step=start_step)  # a resumed run times its own steps
     timings = RunTimings(config.output_dir, timer, settings, started)
-    validator = Validator(config, buckets, cfg_dropout.scheme, stand_in, accelerator, ema, log_path, timings)
+    report = ReportInputs(config.thresholds(), config.warmup_steps, cfg_dropout.scheme, log_path, stand_in)
+    recorder = ValidationRecorder(config.output_dir, report, log=accelerator.log, timings=timings)
+    validator = EMAValidator(config, buckets, ema, accelerator, recorder)
+    info = {"cfg_dropout_scheme": cfg_dropout.scheme, "run_id": run_id}  # in results.json and each checkpoint
     if accelerator.is_main_process:
         timings.save()  # the data and model phases, before the loop (rewritten as the run goes)
     log = TrainingLog(log_path, enabled=accelerator.is_main_process, resume_step=start_step if config.resume else None)
@@ -156,9 +168,9 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
         range(config.total_steps), initial=start_step, disable=not accelerator.is_main_process, desc="train"
     )
     samples_per_step = config.batch_size * config.gradient_accumulation_steps * accelerator.num_processes
-    sigma_loss_sums, sigma_counts = torch.zeros(2, SIGMA_BINS, device=device)  # two rows, two tensors
+    loss_by_sigma = LossBySigma(SIGMA_BINS, device)
     bad_in_a_row, interval_start = 0, time.perf_counter()
-    timed_before, loop_start = sum(timer.seconds.values()), time.perf_counter()
+    timings.start_loop()
     step = start_step
     try:
         for step in range(start_step + 1, config.total_steps + 1):
@@ -177,8 +189,7 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
                         )
                         accelerator.backward(out.loss)  # Accelerate divides by the accumulation steps
                     losses.append(out.loss.detach())
-                    sums, counts = loss_by_sigma_bin(out.per_sample, out.sigmas, SIGMA_BINS)
-                    sigma_loss_sums, sigma_counts = sigma_loss_sums + sums, sigma_counts + counts
+                    loss_by_sigma.add(out.per_sample, out.sigmas)
                 grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip)  # gradients are synced now
                 loss = torch.stack(losses).mean()
                 # Decided on the device, never read back here: a non-finite update reaches neither the
@@ -196,21 +207,18 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
             validating = config.validation and (step % config.validation_every == 0 or last)
             if last or validating or step % config.log_every == 0 or step % config.checkpoint_every == 0:
                 records = log.flush(samples_per_step, time.perf_counter() - interval_start)
-                bad_in_a_row = count_skipped(records, bad_in_a_row, config, accelerator, validator, step)
+                bad_in_a_row = count_skipped(records, bad_in_a_row, config, accelerator, recorder, step)
                 record = records[-1]
-                # the mean loss per σ bin since the last log
-                by_sigma = (sigma_loss_sums / sigma_counts.clamp(min=1)).tolist()
-                accelerator.log({**record.scalars(), **dict(zip(SIGMA_BIN_NAMES, by_sigma))}, step=step)
-                sigma_loss_sums, sigma_counts = torch.zeros(2, SIGMA_BINS, device=device)  # two rows, two tensors
+                accelerator.log({**record.scalars(), **loss_by_sigma.read()}, step=step)
                 progress.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
 
             # -------- checkpoint
             if step % config.checkpoint_every == 0:
                 with timer.phase("checkpoints"):
                     check_replicas_agree(accelerator, model)
-                    state = {"config": config_record(config), "cfg_dropout_scheme": cfg_dropout.scheme}
+                    state = {"config": config_record(config), **info}
                     samplers = {"cfg_dropout": cfg_dropout.state_dict(), "batches": batches.state_dict()}
-                    save_checkpoint(accelerator, ckpt_dir, step, state, config.checkpoints_total_limit, samplers)
+                    save_checkpoint(accelerator, checkpoint_dir, step, state, config.checkpoints_total_limit, samplers)
                 if accelerator.is_main_process:
                     timings.save()  # a run killed later still shows where its time went so far
 
@@ -218,43 +226,84 @@ def train(argv: list[str] | None, timer: PhaseTimer) -> dict:
             if validating:
                 timings.note_peak(device)
                 with timer.phase("validation"):
-                    validator(step)
+                    validator(step, info)
             if not log.pending:  # logged: the next interval's rate counts training alone
                 interval_start = time.perf_counter()
     except torch.cuda.OutOfMemoryError as err:  # (torch.OutOfMemoryError in newer torch)
-        raise OutOfMemory(out_of_memory_message(config, step, ckpt_dir)) from err
+        raise OutOfMemory(out_of_memory_message(config, step, checkpoint_dir)) from err
     finally:
         log.close()
 
-    # Training's own time: the loop's, less the first step, checkpoints and validations (timed apart).
-    timer.sync()
-    steps_run = config.total_steps - start_step
-    if steps_run > 0:
-        seconds = time.perf_counter() - loop_start - (sum(timer.seconds.values()) - timed_before)
-        timer.add("training", seconds)
-        timings.note_peak(device)
-        timings.note_training(steps_run - 1, seconds, timer.seconds["training: first step"], samples_per_step)
+    timings.end_loop(config.total_steps - start_step, samples_per_step, device)
 
     # ---------------------------------------------------------------- export
     accelerator.wait_for_everyone()
     push_failed = None
     if accelerator.is_main_process:
-        with phase("export"):  # checkpoint_final: the EMA weights, the encoders, a model card
+        with timer.phase("export"):  # checkpoint_final: the EMA weights, the encoders, a model card
             data = {
                 "shards": config.shards,
                 "samples": sum(len(b) for b in buckets),
                 "buckets": [b.bucket for b in buckets],
             }
-            push_failed = export_run(validator.pipeline(), config, cfg_dropout.scheme, data, *validator.figures())
+            figures, sheet = recorder.card()
+            last = Path(checkpoint_dir) / checkpoint_name(config.total_steps)
+            if not figures and last.exists():  # resumed with no step left: those recorded for its last checkpoint
+                figures, sheet = recorded_figures(last, config.output_dir)
+            push_failed = export_run(ema_pipeline(ema, config), config, info, data, figures, sheet)
         timings.save()  # timings.json, then RESULTS.md with every phase, export included
-        validator.report()
+        recorder.report()
     accelerator.end_training()
     if push_failed is not None:  # after the report: everything local is written
         raise push_failed
-    return validator.last
+    return recorder.last
 
 
-def count_skipped(records, bad_in_a_row: int, config: TrainConfig, accelerator, validator, step: int) -> int:
+class EMAValidator:
+    """Validation during training: the EMA weights of a step, in a pipeline built at the first
+    validation and kept (the run's encoders, on the device, compiled with --compile), measured by
+    `validate` and written by `recorder`. The main process validates; the others wait."""
+
+    def __init__(self, config: TrainConfig, buckets, ema: EMAModel, accelerator: Accelerator, recorder):
+        self.config, self.buckets, self.ema, self.accelerator, self.recorder = (
+            config,
+            buckets,
+            ema,
+            accelerator,
+            recorder,
+        )
+        self.pipe, self.metrics = None, None
+
+    def __call__(self, step: int, info: dict) -> None:
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):  # training's random numbers stay as they were
+                self._validate(step, info)
+        accelerator.wait_for_everyone()
+
+    def _validate(self, step: int, info: dict) -> None:
+        config, device, start = self.config, self.accelerator.device, time.perf_counter()
+        self.recorder.wait()  # the last validation's images (usually long written)
+        if self.pipe is None:  # the first validation loads the encoders and the metrics' networks
+            self.pipe = ema_pipeline(self.ema, config).to(device)
+            self.metrics = ImageMetrics(device, config.lpips_backbone)
+            compile_for_sampling(self.pipe, config.compile_backend if config.compile else None)
+        else:
+            self.ema.copy_to(self.pipe.transformer.parameters())
+        sampler = Sampler(self.pipe, config.sampling, config.mixed_precision, PhaseTimer(device))
+        setup = time.perf_counter() - start
+        validation = validate(sampler, self.buckets, self.metrics, seed=config.seed)
+        info = {"checkpoint": f"EMA weights at step {step}", **info}
+        summary = self.recorder.record(validation, step, info, setup_seconds=setup)
+        reasons = "; ".join(summary["reasons"][:3])
+        self.accelerator.print(
+            f"validation at step {step}: {summary['verdict']}{' — ' + reasons if reasons else ''} "
+            f"(see {Path(config.output_dir) / 'RESULTS.md'})"
+        )
+
+
+def count_skipped(records, bad_in_a_row: int, config: TrainConfig, accelerator, recorder, step: int) -> int:
     """The run of skipped (non-finite) steps, carried through `records`, the steps just read back.
     `--max-bad-steps` in a row stop the run here, at the logging step that sees them, before this
     step's checkpoint or validation: the report is written from the log, which holds every step."""
@@ -264,11 +313,11 @@ def count_skipped(records, bad_in_a_row: int, config: TrainConfig, accelerator, 
             accelerator.print(f"step {r.step}: non-finite loss or gradient, update skipped ({bad_in_a_row} in a row)")
         if bad_in_a_row >= config.max_bad_steps:
             if accelerator.is_main_process:
-                validator.report(stopped=True)
+                recorder.report(stopped=True)
             raise RuntimeError(
                 f"{bad_in_a_row} steps in a row had a non-finite loss or gradient (the last at step {r.step}, "
                 f"read at step {step}): stopping. Lower --peak-lr or check the data; resume from the last "
-                f"checkpoint in {config.checkpoints}"
+                f"checkpoint in {config.checkpoint_dir}"
             )
     return bad_in_a_row
 
@@ -316,14 +365,15 @@ def restore_samplers(path, accelerator, samplers: dict) -> None:
         sampler.load_state_dict(state[name])
 
 
-def check_output_dir(config: TrainConfig, ckpt_dir: str, remove: bool) -> None:
+def check_output_dir(config: TrainConfig, remove: bool) -> None:
     """A new run does not write over an earlier one unless asked (--resume or --overwrite-output-dir);
     asked, the earlier checkpoints go first (`remove`: the main process), so that a later
     `--resume latest` cannot pick one of them."""
-    earlier = os.path.isdir(ckpt_dir) and any(os.scandir(ckpt_dir))
+    checkpoint_dir = config.checkpoint_dir
+    earlier = os.path.isdir(checkpoint_dir) and any(os.scandir(checkpoint_dir))
     if earlier and config.overwrite_output_dir and not config.resume:
         if remove:
-            shutil.rmtree(ckpt_dir)
+            shutil.rmtree(checkpoint_dir)
         return
     if earlier and not config.resume:
         raise FileExistsError(
@@ -348,8 +398,8 @@ class OutOfMemory(RuntimeError):
     """The device ran out of memory; the message says what to change and where to resume."""
 
 
-def out_of_memory_message(config: TrainConfig, step: int, ckpt_dir: str) -> str:
-    found = list_checkpoints(ckpt_dir)
+def out_of_memory_message(config: TrainConfig, step: int, checkpoint_dir: str) -> str:
+    found = list_checkpoints(checkpoint_dir)
     resume = f"{found[-1]} (--resume latest)" if found else "none yet: it starts afresh"
     remedies = [f"--batch-size {max(config.batch_size // 2, 1)} (now {config.batch_size})"]
     if not config.gradient_checkpointing:

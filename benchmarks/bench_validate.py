@@ -33,18 +33,17 @@ from shapes import IMAGE_DIM, LATENT_CHANNELS, TEXT_DIM, build_model, sync
 from transformers import AutoTokenizer, T5EncoderModel
 
 from nano_dit import NanoDiTPipeline
+from nano_dit.caption_edits import caption_edits
 from nano_dit.config import PRESETS, SamplingConfig
 from nano_dit.encoders import make_stand_in_encoders
 from nano_dit.feature_cache import CachedBucket
+from nano_dit.metrics import ImageMetrics
+from nano_dit.recorder import ImageWriter
+from nano_dit.sampling import Sampler, compile_for_sampling
+from nano_dit.sheets import to_pil
 from nano_dit.synthetic import synthetic_samples
-from nano_dit.validation import (
-    ImageMetrics,
-    ImageWriter,
-    caption_edits,
-    compile_for_sampling,
-    run_validation,
-    swap_pairs,
-)
+from nano_dit.timings import PhaseTimer
+from nano_dit.validation import swap_pairs, validate
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,8 +116,8 @@ def synthetic_cache(args, pipe: NanoDiTPipeline) -> list[CachedBucket]:
             captions=captions,
             meta=[s["meta"] for s in samples],
             latents=torch.randn(args.images, LATENT_CHANNELS, latent, latent, generator=g),
-            text_embeds=embeds.float().cpu(),
-            text_mask=mask.cpu(),
+            prompt_embeds=embeds.float().cpu(),
+            prompt_attention_mask=mask.cpu(),
             image_embeds=torch.randn(args.images, IMAGE_DIM, generator=g),
             image_tokens=torch.zeros(args.images, 1, IMAGE_DIM),
         )
@@ -154,18 +153,19 @@ def main() -> None:
             for repeat in range(args.repeats):
                 sync(device)
                 start = time.perf_counter()
-                results = run_validation(
-                    pipe, buckets, Path(tmp) / f"run{compiled}{repeat}", metrics, sampling, 0,
-                    mixed_precision=args.mixed_precision, writer=writer,
-                )  # fmt: skip
+                timer = PhaseTimer(device)
+                validation = validate(Sampler(pipe, sampling, args.mixed_precision, timer), buckets, metrics)
+                folder = Path(tmp) / f"run{compiled}{repeat}"
+                with timer.phase("writing"):  # the PNGs, here on the clock (training writes them in the background)
+                    for path, image in validation.images.items():
+                        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+                        writer.submit(to_pil(image).save, folder / path)
+                    writer.wait()
                 sync(device)
                 seconds = time.perf_counter() - start
-                writer.wait()  # the images, written in the background as in training, before the next call
                 call = "first (with compilation)" if compiled and repeat == 0 else ("first" if repeat == 0 else "warm")
                 mode = "compiled" if compiled else "eager"
-                split = [
-                    results["timings"]["phases"].get(k, 0.0) for k in ("sampling", "decoding", "metrics", "writing")
-                ]
+                split = [timer.seconds.get(k, 0.0) for k in ("sampling", "decoding", "metrics", "writing")]
                 graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # compiled so far, all shapes
                 print(
                     f"| {mode} | {call} | {seconds:.1f} | {sampled / seconds:.1f} | "

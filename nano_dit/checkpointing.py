@@ -1,9 +1,12 @@
 """Training checkpoints: `accelerator.save_state` folders written aside, then renamed into place.
 
-    <output_dir>/checkpoints/checkpoint_step0001000/   model, optimizer, LR schedule, RNG states,
-                                                       EMA, CFG dropout, batch sampler, and
-                                                       training_state.json (step, config, version,
-                                                       CFG-dropout scheme)
+    <output_dir>/checkpoints/checkpoint_step0001000/   model, optimizer, LR schedule, RNG states
+                                                       (accelerator.save_state), CFG dropout and
+                                                       batch sampler per process, training_state.json
+                                                       (step, config, version, CFG-dropout scheme,
+                                                       run id), and
+      transformer_ema/                                 the EMA weights and state, as diffusers'
+                                                       training examples save them (EMAModel.save_pretrained)
 
 A checkpoint appears under its final name only once it is complete (`os.replace` of a folder
 written as `.checkpoint_step0001000.partial`), so a crash or kill during a save leaves the previous
@@ -23,12 +26,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers.training_utils import EMAModel
 
 from . import __version__
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.json"
+EMA_DIR = "transformer_ema"  # EMAModel.save_pretrained: a model folder, the EMA state in its config
 CHECKSUMS = "checksums.json"
 CHECKPOINT = re.compile(r"^checkpoint_step(\d{7})$")
 
@@ -37,18 +42,18 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint_step{step:07d}"
 
 
-def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
+def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
     """Complete step checkpoints, oldest first."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
+    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
     return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
 
 
 def save_checkpoint(
     accelerator,
-    ckpt_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike,
     step: int,
     state: dict,
     keep: int | None,
@@ -60,9 +65,9 @@ def save_checkpoint(
     `process_state` is what differs between processes (their samplers' states); Accelerate saves
     registered objects from the main process only, so each process writes its own file here.
     """
-    ckpt_dir = Path(ckpt_dir)
-    final = ckpt_dir / checkpoint_name(step)
-    partial = ckpt_dir / f".{final.name}.partial"
+    checkpoint_dir = Path(checkpoint_dir)
+    final = checkpoint_dir / checkpoint_name(step)
+    partial = checkpoint_dir / f".{final.name}.partial"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -77,16 +82,36 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(partial, final)
         if keep is not None:
-            for old in list_checkpoints(ckpt_dir)[:-keep]:
+            for old in list_checkpoints(checkpoint_dir)[:-keep]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
+def checkpoint_ema_with_the_state(accelerator, ema: EMAModel) -> None:
+    """Save `ema` into every `accelerator.save_state` folder as `transformer_ema/` and load it back
+    with `load_state`, through Accelerate's save / load hooks: diffusers' training examples' way
+    (`ema.save_pretrained`, `EMAModel.from_pretrained`), public APIs only. The shadow weights are
+    saved in fp32 safetensors and the EMA's step count in the folder's config: a resume continues
+    the average exactly. `ema` needs `model_cls` and `model_config`."""
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            ema.save_pretrained(os.path.join(output_dir, EMA_DIR))
+
+    def load(models, input_dir):
+        saved = EMAModel.from_pretrained(os.path.join(input_dir, EMA_DIR), ema.model_cls, foreach=ema.foreach)
+        ema.load_state_dict(saved.state_dict())
+        ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def resolve_resume(resume: str, checkpoint_dir: str | os.PathLike) -> Path | None:
     """The checkpoint to resume from, verified against its checksums.
 
-    `latest`: the newest whole checkpoint in ckpt_dir; damaged ones are passed over with a
+    `latest`: the newest whole checkpoint in checkpoint_dir; damaged ones are passed over with a
     warning. With none at all (a first save that never completed, or no run yet), None: the run
     starts from step 0, with a warning, as diffusers' training scripts do. A given folder must be
     whole; a damaged one is refused naming the file.
@@ -100,7 +125,7 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
             raise ValueError(f"--resume {resume}: {problem}")
         return path
     damaged = []
-    for path in reversed(list_checkpoints(ckpt_dir)):
+    for path in reversed(list_checkpoints(checkpoint_dir)):
         problem = verify_checkpoint(path)
         if problem is None:
             for earlier, why in damaged:
@@ -109,11 +134,11 @@ def resolve_resume(resume: str, ckpt_dir: str | os.PathLike) -> Path | None:
         damaged.append((path, problem))
     if damaged:
         details = "; ".join(f"{p.name}: {why}" for p, why in damaged)
-        raise ValueError(f"--resume latest: every checkpoint in {ckpt_dir} is damaged ({details})")
-    unfinished = sorted(p.name for p in Path(ckpt_dir).glob(".checkpoint_step*.partial"))
+        raise ValueError(f"--resume latest: every checkpoint in {checkpoint_dir} is damaged ({details})")
+    unfinished = sorted(p.name for p in Path(checkpoint_dir).glob(".checkpoint_step*.partial"))
     logger.warning(
         "--resume latest: no complete checkpoint in %s%s; starting from step 0",
-        ckpt_dir,
+        checkpoint_dir,
         f" ({', '.join(unfinished)} never completed)" if unfinished else "",
     )
     return None

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -40,15 +41,13 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from nano_dit.prepare import prepare_shards
+    from nano_dit.prepare import BucketFit, prepare_shards
 
     report = prepare_shards(
         args.src,
         args.out,
-        resolution=args.resolution,
+        BucketFit(args.resolution, args.max_aspect, args.min_side),
         samples_per_shard=args.samples_per_shard,
-        max_aspect=args.max_aspect,
-        min_side=args.min_side,
         overwrite=args.overwrite,
         hf_dataset=(
             {"split": args.split, "image_column": args.image_column, "text_column": args.text_column}
@@ -109,7 +108,6 @@ def _validate(args: argparse.Namespace) -> None:
     import dataclasses
 
     from nano_dit.config import SamplingConfig, flag_fields
-    from nano_dit.validation import validate_checkpoint
 
     sampling = {
         f.name: getattr(args, f.name) for f in flag_fields(SamplingConfig) if getattr(args, f.name) is not None
@@ -127,6 +125,71 @@ def _validate(args: argparse.Namespace) -> None:
     print(f"{summary['verdict']}: {summary['report']}")
     for reason in summary["reasons"]:
         print(f"  {reason}")
+
+
+def validate_checkpoint(
+    checkpoint: str | Path,
+    cache: str | None = None,
+    output_dir: str | None = None,
+    device: str | None = None,
+    lpips_backbone: str = "pretrained",
+    overrides: dict | None = None,
+) -> dict:
+    """Validate a training checkpoint (its EMA weights) or a pipeline folder made by a run; write
+    `<run>/validation/stepNNNNNNN/` and `<run>/RESULTS.md`. Returns the verdict summary.
+
+    `overrides`: sampling settings (`SamplingConfig` fields) and `compile` / `mixed_precision`,
+    in place of the run's."""
+    import dataclasses
+
+    import torch
+
+    from nano_dit.config import TrainConfig
+    from nano_dit.feature_cache import load_cache
+    from nano_dit.hub import card_info, load_pipeline, run_dir_of
+    from nano_dit.metrics import ImageMetrics
+    from nano_dit.recorder import ValidationRecorder
+    from nano_dit.report import ReportInputs
+    from nano_dit.sampling import Sampler, compile_for_sampling
+    from nano_dit.timings import PhaseTimer
+    from nano_dit.validation import validate
+
+    checkpoint = Path(checkpoint)
+    pipe = load_pipeline(checkpoint)
+    info = card_info(pipe)
+    if info is None:
+        raise ValueError(f"{checkpoint} carries no run information (its model card has no nano_dit metadata)")
+    scheme = info.get("cfg_dropout_scheme", "")
+    if not scheme.startswith("exclusive"):
+        raise ValueError(
+            f"{checkpoint} was trained with CFG-dropout scheme {scheme!r}, not the mutually exclusive one: "
+            "its conditioning modes are mixed up, so dual-CFG validation of it means nothing "
+            "(the validation plan's fix: such checkpoints are invalid; retrain)"
+        )
+    config = TrainConfig.from_saved(info["config"], model=info["model"])
+    overrides = dict(overrides or {})
+    run_level = {k: overrides.pop(k) for k in ("compile", "mixed_precision") if k in overrides}
+    config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **overrides), **run_level)
+    config.sampling.check()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.to(device)
+    compile_for_sampling(pipe, config.compile_backend if config.compile else None)
+    _, buckets = load_cache(cache or config.cache)
+    run_dir = Path(output_dir) if output_dir else run_dir_of(checkpoint)
+    report = ReportInputs(
+        config.thresholds(),
+        config.warmup_steps,
+        scheme,
+        log_path=checkpoint.parent / "training_log.jsonl",
+        stand_in=info["encoders"]["stand_in"],
+    )
+    recorder = ValidationRecorder(run_dir, report)
+    sampler = Sampler(pipe, config.sampling, config.mixed_precision, PhaseTimer(device))
+    validation = validate(sampler, buckets, ImageMetrics(device, lpips_backbone), seed=config.seed)
+    run = {"checkpoint": str(checkpoint), "cfg_dropout_scheme": scheme, "run_id": info["run_id"]}
+    summary = recorder.record(validation, info["step"], run)
+    recorder.wait()
+    return {**summary, "report": str(run_dir / "RESULTS.md")}
 
 
 def _number(kind, minimum: float = 0, inclusive: bool = False):

@@ -217,7 +217,7 @@ class TrainConfig:
     resume: str | None = setting(None, 'a checkpoint folder, or "latest" (the newest in the checkpoint folder)')
     checkpoint_dir: str | None = setting(
         None, "where checkpoints and the training log go (default: <output_dir>/checkpoints)"
-    )
+    )  # made <output_dir>/checkpoints when the config is (__post_init__): one folder, one name
     checkpoint_every: int = setting(1000, "steps between accelerator.save_state checkpoints")
     checkpoints_total_limit: int | None = setting(None, "keep only the newest N checkpoints (default: all)")
     overwrite_output_dir: bool = setting(False, "start afresh in an output folder that holds a run")
@@ -286,6 +286,10 @@ class TrainConfig:
     hub_model_id: str | None = setting(None, "the Hub repo for --push-to-hub (default: the output folder's name)")
     model: dict = setting(help="NanoDiTTransformer2DModel config (preset + data widths)", flag=False, factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.checkpoint_dir is None:
+            self.checkpoint_dir = str(Path(self.output_dir) / "checkpoints")
+
     def check(self) -> None:
         """Refuse a bad setting with a message naming its flag, before any work."""
         positive = ("total_steps", "batch_size", "gradient_accumulation_steps", "resolution", "num_images")
@@ -327,11 +331,6 @@ class TrainConfig:
 
             if get_token() is None:  # found before training, not after it
                 raise ValueError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
-
-    @property
-    def checkpoints(self) -> str:
-        """The checkpoint folder: --checkpoint-dir, else <output_dir>/checkpoints."""
-        return self.checkpoint_dir or str(Path(self.output_dir) / "checkpoints")
 
     @property
     def repo_id(self) -> str:

@@ -16,29 +16,32 @@ import torch
 from .config import TrainConfig
 from .encoders import STAND_IN_MARKER, make_stand_in_encoders
 from .feature_cache import CachedBucket, EncodeReport, encode_dataset
+from .pipelines.pipeline_nano_dit import transformer_inputs
 from .shards import write_shards
 from .synthetic import synthetic_samples
-from .timings import phase
+from .timings import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
 
-def prepare_data(config: TrainConfig) -> EncodeReport:
+def prepare_data(config: TrainConfig, timer: PhaseTimer | None = None) -> EncodeReport:
     """Make sure `config.cache` holds every sample of `config.shards`.
 
     Writes the synthetic set and the stand-in encoders first when the config asks for them and
-    they are missing. Encoders are loaded only if something is not cached yet.
+    they are missing. Encoders are loaded only if something is not cached yet. Each part is timed
+    as a "data: ..." phase of `timer`.
     """
+    timer = timer or PhaseTimer()
     shards = Path(config.shards)
     if config.synth_if_missing and not any(shards.glob("bucket_*/shard-*.tar")):
-        with phase("data: synthetic set"):
+        with timer.phase("data: synthetic set"):
             samples = synthetic_samples(config.num_images, config.resolution, config.seed)
             write_shards(samples, shards, samples_per_shard=max(1, config.num_images // 5), overwrite=True)
         logger.info("wrote %d synthetic images to %s", config.num_images, shards)
     if config.stand_in_encoders and not (Path(config.stand_in_encoders) / STAND_IN_MARKER).exists():
-        with phase("data: stand-in encoders"):
+        with timer.phase("data: stand-in encoders"):
             make_stand_in_encoders(config.stand_in_encoders, seed=config.seed)
-    return encode_dataset(shards, config.cache, config.encoder_spec())
+    return encode_dataset(shards, config.cache, config.encoder_spec(), timer=timer)
 
 
 def model_config_for(config: TrainConfig, buckets: list[CachedBucket]) -> dict:
@@ -48,18 +51,14 @@ def model_config_for(config: TrainConfig, buckets: list[CachedBucket]) -> dict:
         **config.model,
         "in_channels": first.latents.shape[1],
         "sample_size": max(first.latents.shape[-2:]),
-        "text_embed_dim": first.text_embeds.shape[-1],
+        "text_embed_dim": first.prompt_embeds.shape[-1],
         "image_embed_dim": first.image_embeds.shape[-1],
     }
 
 
-def conditioning(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A cached batch's conditioning, as the model's keyword arguments."""
-    return {
-        "encoder_hidden_states": batch["text_embeds"],
-        "encoder_attention_mask": batch["text_mask"],
-        "image_embeds": batch["image_embeds"],
-    }
+def conditioning(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """A cached batch's conditioning, as the model's keyword arguments (`transformer_inputs`)."""
+    return transformer_inputs(batch["prompt_embeds"], batch["prompt_attention_mask"], batch["image_embeds"])
 
 
 class CachedBatches:
@@ -73,7 +72,7 @@ class CachedBatches:
     the free device memory. Both give the same batches for a seed.
     """
 
-    FIELDS = ("latents", "text_embeds", "text_mask", "image_embeds", "image_tokens")
+    FIELDS = ("latents", "prompt_embeds", "prompt_attention_mask", "image_embeds", "image_tokens")
 
     def __init__(self, buckets: list[CachedBucket], batch_size: int, device, seed: int = 0, on_device=None):
         total = sum(len(b) for b in buckets)

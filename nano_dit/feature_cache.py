@@ -18,7 +18,6 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .encoders import ConditioningEncoders, EncoderSpec, describe
 from .shards import ShardReader, bucket_name
-from .timings import phase
+from .timings import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +111,16 @@ def encode_dataset(
     spec: EncoderSpec,
     batch_size: int | None = None,
     device: str | None = None,
-    load_encoders: Callable[[EncoderSpec, str | None], ConditioningEncoders] = ConditioningEncoders,
+    timer: PhaseTimer | None = None,
 ) -> EncodeReport:
     """Fill the cache for every sample of the shards; encoders load only if something is missing.
 
     `batch_size`: images (or captions) per encoder call; default 64 on a GPU, where a large batch
-    keeps it busy, and 16 on a CPU."""
-    cache_dir = Path(cache_dir)
+    keeps it busy, and 16 on a CPU. Reading, loading the encoders and encoding are timed as
+    "data: ..." phases of `timer`."""
+    cache_dir, timer = Path(cache_dir), timer or PhaseTimer()
     reader = ShardReader(shard_root)
-    with phase("data: reading shards"):
+    with timer.phase("data: reading shards"):
         samples = list(tqdm(reader, desc="read shards", unit="img"))
         if not samples:
             raise ValueError(f"no usable samples in {shard_root}: {reader.stats.summary()}")
@@ -135,10 +135,10 @@ def encode_dataset(
     todo["text"] = list({s["text_hash"]: s for s in todo["text"]}.values())  # each caption once
     truncated = 0  # captions encoded now that the text window cuts
     if any(todo.values()):
-        with phase("data: loading encoders"):
-            encoders = load_encoders(spec, device)
+        with timer.phase("data: loading encoders"):
+            encoders = ConditioningEncoders(spec, device)
         batch_size = batch_size or (64 if encoders.device.type == "cuda" else 16)
-        with phase("data: encoding"):
+        with timer.phase("data: encoding"):
             if todo["text"]:
                 truncated = encoders.count_truncated([s["caption"] for s in todo["text"]])
             if truncated:
@@ -247,8 +247,8 @@ class CachedBucket:
     captions: list[str]
     meta: list[dict | None]
     latents: torch.Tensor  # (N, C, h, w)
-    text_embeds: torch.Tensor  # (N, L, D)
-    text_mask: torch.Tensor  # (N, L) 1 = token, 0 = padding
+    prompt_embeds: torch.Tensor  # (N, L, D)
+    prompt_attention_mask: torch.Tensor  # (N, L) 1 = token, 0 = padding
     image_embeds: torch.Tensor  # (N, Di) DINOv3 global
     image_tokens: torch.Tensor  # (N, M, Di) DINOv3 patch tokens
 
@@ -291,8 +291,10 @@ def load_cache(
                 captions=[s["caption"] for s in samples],
                 meta=[s["meta"] for s in samples],
                 latents=torch.stack([latents[s["image_hash"]] for s in samples]),
-                text_embeds=torch.stack([torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[0])) for e in embeds]),
-                text_mask=torch.stack([(torch.arange(L, device=device) < e.shape[0]).long() for e in embeds]),
+                prompt_embeds=torch.stack([torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[0])) for e in embeds]),
+                prompt_attention_mask=torch.stack(
+                    [(torch.arange(L, device=device) < e.shape[0]).long() for e in embeds]
+                ),
                 image_embeds=torch.stack([image[f"{s['image_hash']}.global"] for s in samples]),
                 image_tokens=torch.stack([image[f"{s['image_hash']}.tokens"] for s in samples]),
             )

@@ -137,3 +137,24 @@ def loss_by_sigma_bin(
     sums = torch.zeros(num_bins, device=per_sample.device).index_add_(0, bins, per_sample.detach().float())
     counts = torch.zeros(num_bins, device=per_sample.device).index_add_(0, bins, torch.ones_like(sums[bins]))
     return sums, counts
+
+
+class LossBySigma:
+    """The mean loss per σ bin since it was last read, summed on the device (nothing read back
+    until `read`): the tracker's `loss_sigma_<lo>-<hi>` curves."""
+
+    def __init__(self, num_bins: int, device: torch.device | str):
+        self.num_bins = num_bins
+        self.names = [f"loss_sigma_{i / num_bins:.2f}-{(i + 1) / num_bins:.2f}" for i in range(num_bins)]
+        self.sums = torch.zeros(num_bins, device=device)
+        self.counts = torch.zeros(num_bins, device=device)
+
+    def add(self, per_sample: torch.Tensor, sigmas: torch.Tensor) -> None:
+        sums, counts = loss_by_sigma_bin(per_sample, sigmas, self.num_bins)
+        self.sums, self.counts = self.sums + sums, self.counts + counts
+
+    def read(self) -> dict[str, float]:
+        """The mean loss per bin since the last read (0 in a bin no sample fell in); then afresh."""
+        means = (self.sums / self.counts.clamp(min=1)).tolist()
+        self.sums, self.counts = torch.zeros_like(self.sums), torch.zeros_like(self.counts)
+        return dict(zip(self.names, means))

@@ -75,3 +75,14 @@ def shape_pixels(output: torch.Tensor, scene: torch.Tensor, contrast: float) -> 
 def swapped(a: Layout, b: Layout) -> Layout:
     """What a DINO swap should draw: A's shapes (its caption) on B's scene (its image)."""
     return Layout(a.objects, b.scene)
+
+
+def layout_of(bucket, i: int) -> Layout | None:
+    """Sample `i` of a `CachedBucket`: its recorded layout (the synthetic set records one), else None."""
+    meta = bucket.meta[i] or {}
+    return Layout.from_json(meta) if "objects" in meta and "scene" in meta else None
+
+
+def drawn_all(layouts: list[Layout], resolution: int) -> torch.Tensor:
+    """`drawn` of each layout, stacked: `(N, 3, H, W)` in [0, 1]."""
+    return torch.stack([drawn(layout, resolution) for layout in layouts])

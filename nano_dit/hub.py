@@ -16,21 +16,19 @@ import io
 import json
 from pathlib import Path
 
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.hub_utils import populate_model_card
 from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 
 from . import __version__
-from .checkpointing import STATE_FILE, read_state
+from .checkpointing import EMA_DIR, STATE_FILE, read_state
 from .config import TrainConfig
 from .encoders import ConditioningEncoders, EncoderSpec, describe
 from .folders import save_aside
 from .pipelines import NanoDiTPipeline
 from .transformer_nano_dit import NanoDiTTransformer2DModel
 
-EMA_FILE = "custom_checkpoint_0.pkl"  # Accelerate's file for the first registered object: the EMA
 SAMPLE_GRID = "samples.png"
 
 
@@ -49,6 +47,14 @@ def build_pipeline(transformer: NanoDiTTransformer2DModel, spec: EncoderSpec) ->
     )
 
 
+def ema_pipeline(ema, config: TrainConfig) -> NanoDiTPipeline:
+    """The pipeline a run ships: a transformer of the run's config holding the EMA weights
+    (`EMAModel.copy_to`), with the run's encoders (fp32, on the CPU)."""
+    transformer = NanoDiTTransformer2DModel(**config.model)
+    ema.copy_to(transformer.parameters())
+    return build_pipeline(transformer, config.encoder_spec())
+
+
 def load_pipeline(checkpoint: str | Path) -> NanoDiTPipeline:
     """A pipeline folder (`model_index.json`), or a training checkpoint (`training_state.json`)
     made into one: its EMA weights and the encoders its config names."""
@@ -61,15 +67,11 @@ def load_pipeline(checkpoint: str | Path) -> NanoDiTPipeline:
         )
     state = read_state(path)
     config = TrainConfig.from_saved(state["config"])
-    transformer = NanoDiTTransformer2DModel(**config.model)
-    ema = torch.load(path / EMA_FILE, weights_only=True)
-    with torch.no_grad():
-        for param, shadow in zip(transformer.parameters(), ema["shadow_params"], strict=True):
-            param.copy_(shadow)
+    transformer = NanoDiTTransformer2DModel.from_pretrained(path / EMA_DIR)  # the EMA weights
     pipe = build_pipeline(transformer, config.encoder_spec())
-    figures, sheet = recorded_figures(path, state["step"], config.output_dir)
-    info = run_info(config, step=state["step"], cfg_dropout_scheme=state["cfg_dropout_scheme"], results=figures)
-    set_model_card(pipe, info, sheet)
+    figures, sheet = recorded_figures(path, config.output_dir)
+    scheme_and_run = {k: state[k] for k in ("cfg_dropout_scheme", "run_id")}
+    set_model_card(pipe, run_info(config, state["step"], scheme_and_run, results=figures), sheet)
     return pipe
 
 
@@ -99,29 +101,30 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
-def recorded_figures(checkpoint: Path, step: int, output_dir: str | None = None) -> tuple[dict, Image.Image | None]:
-    """The headline figures and reconstruction sheet of the validation that ran on a training
-    checkpoint: `validation/stepNNNNNNN/` in its run folder (`output_dir`, else the one holding
-    `checkpoints/`), written after the checkpoint — an older one belongs to an earlier run that
-    this folder held. ({}, None) when there is none."""
-    saved = (Path(checkpoint) / STATE_FILE).stat().st_mtime
+def recorded_figures(checkpoint: Path, output_dir: str | None = None) -> tuple[dict, Image.Image | None]:
+    """The headline figures and reconstruction sheet of the validation of a training checkpoint's
+    step: `validation/stepNNNNNNN/` in its run folder (`output_dir`, else the one holding
+    `checkpoints/`), recorded by the same run (its `run_id`; one from an earlier run that this
+    folder held is not this checkpoint's). ({}, None) when there is none."""
+    state = read_state(Path(checkpoint))
     for run_dir in dict.fromkeys(p for p in (output_dir and Path(output_dir), run_dir_of(checkpoint)) if p):
-        folder = run_dir / "validation" / f"step{step:07d}"
-        results = folder / "results.json"
-        if results.exists() and results.stat().st_mtime >= saved:
+        folder = run_dir / "validation" / f"step{state['step']:07d}"
+        path = folder / "results.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        if results.get("run_id") == state["run_id"]:
             sheet = folder / "reconstruction" / "sheet.png"
-            return card_figures(json.loads(results.read_text())), Image.open(sheet) if sheet.exists() else None
+            return card_figures(results), Image.open(sheet) if sheet.exists() else None
     return {}, None
 
 
-def run_info(
-    config: TrainConfig, step: int, cfg_dropout_scheme: str, data: dict | None = None, results: dict | None = None
-):
-    """What the model card tells about a run (and keeps, in its metadata, for the next export)."""
+def run_info(config: TrainConfig, step: int, run: dict, data: dict | None = None, results: dict | None = None):
+    """What the model card tells about a run (and keeps, in its metadata, for the next export).
+    `run`: its CFG-dropout scheme and id (`cfg_dropout_scheme`, `run_id`)."""
     return {
         "version": __version__,
         "step": step,
-        "cfg_dropout_scheme": cfg_dropout_scheme,
+        "cfg_dropout_scheme": run["cfg_dropout_scheme"],
+        "run_id": run["run_id"],
         "encoders": describe(config.encoder_spec()),
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "model"},
         "model": config.model,
@@ -228,14 +231,15 @@ def set_model_card(
 
 
 def export_run(
-    pipe: NanoDiTPipeline, config: TrainConfig, scheme: str, data: dict, figures: dict, sheet: Image.Image | None
+    pipe: NanoDiTPipeline, config: TrainConfig, run: dict, data: dict, figures: dict, sheet: Image.Image | None
 ) -> PushFailed | None:
     """The end of a run: `pipe` (the final EMA weights) with its model card written to
-    `<checkpoints>/checkpoint_final`, and pushed to the Hub when the config asks. A failed push is
-    returned, not raised: everything local is written, and the caller finishes its report first."""
-    info = run_info(config, config.total_steps, scheme, data=data, results=figures)
+    `<checkpoints>/checkpoint_final`, and pushed to the Hub when the config asks. `run`: the CFG-
+    dropout scheme and run id (`run_info`). A failed push is returned, not raised: everything local
+    is written, and the caller finishes its report first."""
+    info = run_info(config, config.total_steps, run, data=data, results=figures)
     set_model_card(pipe, info, sheet, repo_id=config.repo_id if config.push_to_hub else None)
-    final_dir = Path(config.checkpoints) / "checkpoint_final"
+    final_dir = Path(config.checkpoint_dir) / "checkpoint_final"
     save_aside(pipe.save_pretrained, final_dir)  # written beside it, swapped in whole
     print(f"pipeline (EMA weights): {final_dir}")
     if not config.push_to_hub:

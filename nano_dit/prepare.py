@@ -159,22 +159,39 @@ def hf_dataset_items(
     ]
 
 
+@dataclass(frozen=True)
+class BucketFit:
+    """How source images are fitted to the aspect buckets.
+
+    Attributes:
+        resolution: the bucket base (buckets hold about `resolution`² pixels).
+        max_aspect: an image more than this far off its nearest bucket's shape is skipped (the
+            crop would lose most of the picture).
+        min_side: an image whose short side is smaller is skipped (default: resolution / 4).
+    """
+
+    resolution: int = 512
+    max_aspect: float = 2.0
+    min_side: int | None = None
+
+    @property
+    def smallest_side(self) -> int:
+        return self.min_side or max(1, self.resolution // 4)
+
+
 def prepare_shards(
     src: str | os.PathLike,
     out_dir: str | os.PathLike,
-    resolution: int = 512,
+    fit: BucketFit = BucketFit(),
     samples_per_shard: int = 100,
-    max_aspect: float = 2.0,
-    min_side: int | None = None,
     overwrite: bool = False,
     hf_dataset: dict | None = None,
 ) -> PrepareReport:
-    """Read `src`, fit every image to its nearest bucket and write shards into `out_dir`.
+    """Read `src`, fit every image to its nearest bucket (`fit`) and write shards into `out_dir`.
 
     `hf_dataset` (keyword arguments of `hf_dataset_items`, possibly empty) reads `src` as a
-    Hugging Face dataset instead of a folder. Images smaller than `min_side` (default
-    resolution / 4) or more than `max_aspect` off their nearest bucket (a crop that would lose
-    most of the picture) are skipped.
+    Hugging Face dataset instead of a folder. Images too small or too far off every bucket's
+    shape (`BucketFit`) are skipped, each with its reason.
     """
     report = PrepareReport()
     if hf_dataset is None:
@@ -185,14 +202,14 @@ def prepare_shards(
             report.skipped.append((name, reason))
     else:
         items = hf_dataset_items(str(src), **hf_dataset)
-    buckets = make_buckets(resolution, max_aspect=max_aspect)
+    buckets = make_buckets(fit.resolution, max_aspect=fit.max_aspect)
     root = Path(src).resolve()
-    min_side = min_side or max(1, resolution // 4)
 
     def samples():
-        for name, image, caption in tqdm(items, desc="prepare", unit="img"):
+        for item in tqdm(items, desc="prepare", unit="img"):
+            name = item[0]
             try:
-                yield _prepare_one(name, image, caption, buckets, min_side, max_aspect, report, root)
+                yield _prepare_one(item, buckets, fit, report, root)
             except SampleSkipped as skip:
                 logger.warning("skipping %s: %s", name, skip)
                 report.skipped.append((name, str(skip)))
@@ -213,8 +230,10 @@ class NoUsableImages(ValueError):
     """Every item of the source was skipped; the message counts the reasons."""
 
 
-def _prepare_one(name: str, image, caption, buckets, min_side, max_aspect, report: PrepareReport, root: Path) -> dict:
-    """One source item (image: a path or bytes) -> a sample fitted to its bucket, or SampleSkipped."""
+def _prepare_one(item: tuple, buckets, fit: BucketFit, report: PrepareReport, root: Path) -> dict:
+    """One source item (name, image: a path or bytes, caption) -> a sample fitted to its bucket,
+    or SampleSkipped; what was converted on the way is counted in `report`."""
+    name, image, caption = item
     if caption is None:
         raise SampleSkipped("no caption (no sidecar .txt and no metadata text)")
     caption, cleaned = clean_caption(decode_caption(caption))
@@ -237,7 +256,7 @@ def _prepare_one(name: str, image, caption, buckets, min_side, max_aspect, repor
     if converted:
         report.converted[converted] += 1
     bucket = nearest_bucket(*image.size, buckets)
-    check_size(image, bucket, min_side, max_aspect)
+    check_size(image, bucket, fit.smallest_side, fit.max_aspect)
     return {"key": _key(name), "image": fit_to_bucket(image, bucket), "caption": caption, "meta": {"source": name}}
 
 

@@ -1,6 +1,6 @@
 """Go / no-go: every success and failure indicator of the validation plan, evaluated with its number.
 
-`write_report(run_dir, ...)` reads `checkpoints/training_log.jsonl`, every
+`write_report(run_dir, inputs)` reads `checkpoints/training_log.jsonl`, every
 `validation/step*/results.json` and `timings.json` (where the run's time went), evaluates the indicators on the newest validation, adds them and
 the verdict to that results.json, draws `validation/summary.png` and writes `RESULTS.md`.
 """
@@ -349,24 +349,36 @@ def validations(run_dir: Path) -> list[tuple[int, Path, dict]]:
     return sorted(found, key=lambda x: x[0])
 
 
-def write_report(
-    run_dir: str | Path,
-    thresholds: Thresholds,
-    warmup_steps: int,
-    scheme: str,
-    log_path: str | Path | None = None,
-    stand_in: bool = False,
-    stopped: bool = False,
-) -> dict:
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the go / no-go report judges a run with, besides its validations.
+
+    Attributes:
+        thresholds: the verdict's numbers.
+        warmup_steps: the gradient-norm range is read after the warmup.
+        scheme: the CFG-dropout scheme the run trained with (`CFGDropout.scheme`).
+        log_path: the training log (default: `<run>/checkpoints/training_log.jsonl`).
+        stand_in: the encoders were the stand-ins: the report says its figures test the machinery.
+    """
+
+    thresholds: Thresholds
+    warmup_steps: int
+    scheme: str
+    log_path: str | Path | None = None
+    stand_in: bool = False
+
+
+def write_report(run_dir: str | Path, inputs: ReportInputs, stopped: bool = False) -> dict:
     """Evaluate the newest validation (or, with none, the training log alone), record the verdict
     in its results.json and in validation/verdict.json, draw validation/summary.png and write
-    RESULTS.md; returns {"verdict", "reasons", "indicators", "step"}."""
-    run_dir = Path(run_dir)
+    RESULTS.md; returns {"verdict", "reasons", "indicators", "step"}. `stopped`: the run stopped
+    itself (too many non-finite steps)."""
+    run_dir, thresholds, log_path = Path(run_dir), inputs.thresholds, inputs.log_path
     records = read_log(Path(log_path) if log_path else run_dir / "checkpoints" / "training_log.jsonl")
     history = validations(run_dir)
     step, path, results = history[-1] if history else (records[-1].step if records else 0, None, None)
     seen = [r for r in records if r.step <= step]
-    indicators = evaluate(seen, results, thresholds, warmup_steps, scheme, stopped=stopped)
+    indicators = evaluate(seen, results, thresholds, inputs.warmup_steps, inputs.scheme, stopped=stopped)
     decision, reasons = verdict(indicators)
     summary = {"verdict": decision, "reasons": reasons, "indicators": [asdict(i) for i in indicators], "step": step}
     if path is not None:
@@ -375,7 +387,8 @@ def write_report(
     (run_dir / "validation").mkdir(parents=True, exist_ok=True)
     (run_dir / "validation" / "verdict.json").write_text(json.dumps(summary, indent=2))
     plot_summary(records, [r for _, _, r in history], run_dir / "validation" / "summary.png", thresholds)
-    text = _markdown(step, path.parent if path else None, run_dir, results, indicators, decision, reasons, stand_in)
+    folder = path.parent.relative_to(run_dir) if path else None
+    text = _markdown(summary, folder, results, indicators, inputs.stand_in)
     timings = read_timings(run_dir)
     if timings is not None:
         text += "\n".join(["", "## Where the time went", "", *timings_table(timings), ""])
@@ -383,7 +396,10 @@ def write_report(
     return summary
 
 
-def _markdown(step, folder: Path | None, run_dir: Path, results, indicators, decision, reasons, stand_in) -> str:
+def _markdown(summary: dict, folder: Path | None, results, indicators, stand_in: bool) -> str:
+    """RESULTS.md: the verdict of `summary`, then the table and the sheets of the validation in
+    `folder` (relative to the run), whose `results` they are."""
+    step, decision, reasons = summary["step"], summary["verdict"], summary["reasons"]
     lines = [
         f"# Validation: {'✅ GO' if decision == 'GO' else '❌ NO-GO'} (step {step})",
         "",
@@ -405,7 +421,7 @@ def _markdown(step, folder: Path | None, run_dir: Path, results, indicators, dec
     ]
     if results is None:
         return "\n".join([*lines, "No validation ran: the indicators come from the training log alone.", "", *table])
-    rel, s, lp = folder.relative_to(run_dir), results["sampling"], results["lpips"]
+    rel, s, lp = folder, results["sampling"], results["lpips"]
     lines += [
         f"Sampling: {s['num_inference_steps']} Euler steps, dual CFG ({s['guidance_mode']}) text "
         f"{s['guidance_scale']} / image {s['image_guidance_scale']}, seed {s['seed']}. "

@@ -3,8 +3,29 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
 
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """An image `(3, H, W)` in [0, 1] as an 8-bit PIL image (rounded, clamped)."""
+    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+@dataclass
+class Sheet:
+    """A contact sheet to draw: images `(3, H, W)` in [0, 1], a caption each, `columns` a row,
+    each scaled to `cell` pixels."""
+
+    cells: list[torch.Tensor]
+    captions: list[str]
+    columns: int = 4
+    cell: int = 160
+
+    def render(self) -> Image.Image:
+        return contact_sheet([to_pil(c) for c in self.cells], self.captions, columns=self.columns, cell=self.cell)
 
 
 def contact_sheet(images: list[Image.Image], captions: list[str], columns: int = 4, cell: int = 192) -> Image.Image:

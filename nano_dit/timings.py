@@ -1,28 +1,25 @@
 """Where a run's time went: wall-clock seconds per phase, written to `timings.json` and RESULTS.md.
 
     timer = PhaseTimer(device)
-    with timer:                        # code below may ask for `phase("...")` without holding `timer`
-        with phase("data: encoding"):
-            ...
+    with timer.phase("data: encoding"):
+        ...
 
 A phase's clock starts and stops after the device has finished its queued work (one
 `torch.cuda.synchronize` at each edge, none in between), so asynchronous CUDA kernels are billed
-to the phase that launched them. Phases of the same name add up; `phase()` with no timer active
-costs nothing, so library code can name its phases whoever calls it.
+to the phase that launched them. Phases of the same name add up. The timer is handed to the code
+it times (`prepare_data(config, timer)`, `evaluate(..., timer=timer)`); code given none times into
+a timer of its own that nobody reads.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import os
 import time
 from pathlib import Path
 
 import torch
-
-_ACTIVE: contextvars.ContextVar[PhaseTimer | None] = contextvars.ContextVar("nano_dit_phase_timer", default=None)
 
 TIMINGS_FILE = "timings.json"
 
@@ -34,7 +31,6 @@ class PhaseTimer:
         self.device = torch.device(device) if device is not None else None
         self.seconds: dict[str, float] = {}
         self.counts: dict[str, int] = {}
-        self._token = None
 
     def sync(self) -> None:
         if self.device is not None and self.device.type == "cuda":
@@ -53,13 +49,6 @@ class PhaseTimer:
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
         self.counts[name] = self.counts.get(name, 0) + 1
-
-    def __enter__(self) -> PhaseTimer:
-        self._token = _ACTIVE.set(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _ACTIVE.reset(self._token)
 
     def as_dict(self) -> dict[str, float]:
         return {name: round(s, 3) for name, s in self.seconds.items()}
@@ -80,6 +69,23 @@ class RunTimings:
         self.training: dict = {}
         self.validations: list[dict] = []
         self.train_peak: float | None = None
+        self._loop = (self.started, 0.0)  # (perf_counter(), seconds timed) at the loop's start
+
+    def start_loop(self) -> None:
+        """The training loop starts: its own time counts from here, less the phases timed inside it."""
+        self._loop = (time.perf_counter(), sum(self.timer.seconds.values()))
+
+    def end_loop(self, steps: int, samples_per_step: int, device: torch.device) -> None:
+        """The loop ran `steps` optimizer steps since `start_loop`. Its own time, less its first step,
+        checkpoints and validations (timed apart), is the "training" phase and gives the rates."""
+        self.timer.sync()
+        if steps <= 0:
+            return
+        started, timed_before = self._loop
+        seconds = time.perf_counter() - started - (sum(self.timer.seconds.values()) - timed_before)
+        self.timer.add("training", seconds)
+        self.note_peak(device)
+        self.note_training(steps - 1, seconds, self.timer.seconds["training: first step"], samples_per_step)
 
     def note_training(self, steps: int, seconds: float, first_step: float, samples_per_step: int) -> None:
         """`steps` optimizer steps after the first took `seconds`; the first took `first_step`."""
@@ -118,12 +124,6 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"{device.type} ({torch.get_num_threads()} threads)"
-
-
-def phase(name: str):
-    """The active timer's phase `name`, or nothing when no timer is active."""
-    timer = _ACTIVE.get()
-    return timer.phase(name) if timer is not None else contextlib.nullcontext()
 
 
 def peak_memory_gib(device: torch.device) -> float | None:

@@ -334,7 +334,7 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
         image_embeds = self._select(image_embeds, self.null_image_embed, drop_image, B, "image_embeds")
         cond = self.time_image_embed(timestep, image_embeds.to(x.dtype))  # (B, D)
         context, context_mask = self._context(
-            encoder_hidden_states, encoder_attention_mask, image_tokens, drop_text, drop_image, B, x.dtype
+            x, encoder_hidden_states, encoder_attention_mask, image_tokens, drop_text, drop_image
         )  # (B, S, D), (B, 1, 1, S)
 
         # 2. Blocks.
@@ -357,12 +357,14 @@ class NanoDiTTransformer2DModel(ModelMixin, ConfigMixin, AttentionMixin, PeftAda
     # ----------------------------------------------------------------------------------------
     # Conditioning helpers
     # ----------------------------------------------------------------------------------------
-    def _context(self, text, text_mask, image_tokens, drop_text, drop_image, B, dtype):
-        """Project text (and DINOv3 patch) tokens to the cross-attention context, nulls swapped in.
+    def _context(self, x, text, text_mask, image_tokens, drop_text, drop_image):
+        """Project text (and DINOv3 patch) tokens to the cross-attention context of the token
+        stream `x` `(B, N, D)`, nulls swapped in.
 
         Cached embeddings may come in another dtype (bf16 encoders); they are cast to the
         working dtype of the token stream.
         """
+        B, dtype = x.shape[0], x.dtype
         text_tokens, text_mask = self._tokens(
             text, text_mask, self.null_text_embed, drop_text, B, "encoder_hidden_states"
         )

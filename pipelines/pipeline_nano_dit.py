@@ -72,6 +72,24 @@ def guidance_weights(mode: str, text_scale: float, image_scale: float) -> dict[s
     return {branch: w for branch, w in weights.items() if w != 0.0}
 
 
+def transformer_inputs(
+    prompt_embeds: torch.Tensor | None,
+    prompt_attention_mask: torch.Tensor | None,
+    image_embeds: torch.Tensor | None,
+    image_tokens: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """The conditioning under the transformer's names, from the pipeline's: the one place where
+    diffusers' pipeline convention (`prompt_embeds`, `prompt_attention_mask`, also the feature
+    cache's and validation's names) meets its model convention (`encoder_hidden_states`,
+    `encoder_attention_mask`). The pipeline, the trainer and the model probes all call it."""
+    return {
+        "encoder_hidden_states": prompt_embeds,
+        "encoder_attention_mask": prompt_attention_mask,
+        "image_embeds": image_embeds,
+        "image_tokens": image_tokens,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # The encoder calls, written once: the pipeline and the training feature cache both call these,
 # so that a caption or picture encoded for training and the same one given at sampling agree bit
@@ -354,12 +372,7 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         self._num_timesteps, self._interrupt = len(self.scheduler.timesteps), False
         self._attention_kwargs, self._current_timestep = attention_kwargs, None
         step_sigmas = self.scheduler.sigmas.tolist()  # for the caches' context, read once (no per-step sync)
-        conditioning = {
-            "encoder_hidden_states": prompt_embeds,
-            "encoder_attention_mask": prompt_attention_mask,
-            "image_embeds": image_embeds,
-            "image_tokens": image_tokens,
-        }
+        conditioning = transformer_inputs(prompt_embeds, prompt_attention_mask, image_embeds, image_tokens)
         batches = {}  # branches -> the transformer's inputs for them, built once per set of branches
 
         def branch_inputs(branches: tuple[str, ...]) -> dict:
@@ -408,7 +421,10 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
 
         # 4. Decode.
         self._current_timestep = None
-        image = latents if output_type == "latent" else self.decode_latents(latents, output_type)
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.output_processor.postprocess(decode_latents(self.vae, latents), output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
@@ -541,12 +557,6 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         return latents.to(device=device, dtype=self.transformer.dtype)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
-        """Model-space latents -> images: through the VAE (`latent / scale + shift`), or as they
-        are in pixel mode (the latents are the image in [−1, 1])."""
-        return self.output_processor.postprocess(decode_latents(self.vae, latents), output_type=output_type)
 
     # ----------------------------------------------------------------------------------------
     # Save / load / Hub

@@ -37,9 +37,9 @@ from PIL import Image
 
 from nano_dit.config import PRESETS
 from nano_dit.encoders import images_to_tensor
+from nano_dit.metrics import ImageMetrics
 from nano_dit.sheets import contact_sheet
 from nano_dit.synthetic import COLORS, POSITIONS, SHAPES, Layout, ShapeSpec, render, sample_layouts
-from nano_dit.validation import ImageMetrics
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -157,7 +157,7 @@ def main() -> None:
         with broken(fault):
             config = trainer.parse_config(flags)
             if args.revalidate:
-                from nano_dit.validation import validate_checkpoint
+                from nano_dit.cli import validate_checkpoint
 
                 final = out / "checkpoints" / "checkpoint_final"
                 try:
@@ -214,18 +214,14 @@ def mode_figure(out: Path, names: list[str]) -> Path | None:
 
 def rejudge(out: Path, config) -> dict:
     """A finished run's report written again with the preset's current thresholds."""
-    from nano_dit.report import write_report
+    from nano_dit.report import ReportInputs, write_report
     from nano_dit.training_log import read_log
 
     log = read_log(out / "checkpoints" / "training_log.jsonl")
+    inputs = ReportInputs(config.thresholds(), config.warmup_steps, config.cfg_dropout().scheme, stand_in=True)
     return write_report(
-        out,
-        config.thresholds(),
-        config.warmup_steps,
-        scheme=config.cfg_dropout().scheme,
-        stand_in=True,
-        stopped=log[-1].step < config.total_steps,  # the log keeps every step up to a stop
-    )
+        out, inputs, stopped=log[-1].step < config.total_steps
+    )  # the log keeps every step up to a stop
 
 
 def _table(rows: dict) -> str:

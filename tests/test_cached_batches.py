@@ -18,8 +18,8 @@ def _bucket(size: tuple[int, int], ids: range) -> CachedBucket:
         captions=[f"caption {i}" for i in ids],
         meta=[None] * n,
         latents=fill(4, 2, 3),
-        text_embeds=fill(5, 6),
-        text_mask=fill(5).long(),
+        prompt_embeds=fill(5, 6),
+        prompt_attention_mask=fill(5).long(),
         image_embeds=fill(7),
         image_tokens=fill(3, 7),
     )

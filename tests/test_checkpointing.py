@@ -34,14 +34,15 @@ def _args(tmp_path, stand_in_dir, out, *extra):
 
 
 def _state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    """Model weights, optimizer moments and EMA weights of a step checkpoint, by name."""
+    """Model weights, optimizer moments and EMA weights of a step checkpoint, by name. (The EMA's
+    step count, in `transformer_ema/config.json`, advances on skipped steps too, as the LR does.)"""
     folder = run_dir / "checkpoints" / checkpointing.checkpoint_name(step)
     tensors = {f"model.{k}": v for k, v in load_file(folder / "model.safetensors").items()}
     optimizer = torch.load(folder / "optimizer.bin", weights_only=True)["state"]
     for index, moments in optimizer.items():
         tensors.update({f"optim.{index}.{k}": v for k, v in moments.items() if torch.is_tensor(v)})
-    ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=True)
-    tensors.update({f"ema.{i}": v for i, v in enumerate(ema["shadow_params"])})
+    ema = folder / "transformer_ema"
+    tensors.update({f"ema.{k}": v for k, v in load_file(ema / "diffusion_pytorch_model.safetensors").items()})
     return tensors
 
 
@@ -51,8 +52,8 @@ def test_a_resumed_run_is_the_run_that_never_stopped(tmp_path, stand_in_dir, mon
 
     real_save = train_nano_dit.save_checkpoint
 
-    def save_then_die(accelerator, ckpt_dir, step, *args, **kwargs):
-        real_save(accelerator, ckpt_dir, step, *args, **kwargs)
+    def save_then_die(accelerator, checkpoint_dir, step, *args, **kwargs):
+        real_save(accelerator, checkpoint_dir, step, *args, **kwargs)
         if step == 4:
             raise Killed
 
@@ -162,7 +163,7 @@ def two_checkpoints(tmp_path_factory, stand_in_dir):
         ("model.safetensors", "zeroed"),
         ("model.safetensors", "truncated"),
         ("optimizer.bin", "empty"),
-        ("custom_checkpoint_0.pkl", "truncated"),
+        ("transformer_ema/diffusion_pytorch_model.safetensors", "truncated"),
         ("random_states_0.pkl", "truncated"),
         ("training_state.json", "zeroed"),
     ],
@@ -265,7 +266,8 @@ def test_a_non_finite_step_is_skipped_counted_and_logged(tmp_path, stand_in_dir,
     # exactly as step 2 did, as a skip decided on the host would; step 4 trained again.
     before, skipped, after = (_state(tmp_path / "run", step) for step in (2, 3, 4))
     assert before.keys() == skipped.keys() and all(torch.equal(before[k], skipped[k]) for k in before)
-    assert not torch.equal(after["ema.0"], skipped["ema.0"])
+    ema = [k for k in after if k.startswith("ema.")]
+    assert ema and not all(torch.equal(after[k], skipped[k]) for k in ema)
     for step in (4, 8):
         assert all(torch.isfinite(t).all() for t in _state(tmp_path / "run", step).values())
 

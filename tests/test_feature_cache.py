@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from nano_dit import feature_cache
 from nano_dit.encoders import ConditioningEncoders, EncoderSpec
 from nano_dit.feature_cache import encode_dataset, load_cache
 from nano_dit.shards import write_shards
@@ -30,8 +31,14 @@ class CountingEncoders(ConditioningEncoders):
         return super().encode_images(images)
 
 
+@pytest.fixture(autouse=True)
+def counting_encoders(monkeypatch):
+    """The cache loads its encoders as CountingEncoders here."""
+    monkeypatch.setattr(feature_cache, "ConditioningEncoders", CountingEncoders)
+
+
 def _encode(shards, cache, spec):
-    return encode_dataset(shards, cache, spec, batch_size=4, device="cpu", load_encoders=CountingEncoders)
+    return encode_dataset(shards, cache, spec, batch_size=4, device="cpu")
 
 
 def test_round_trip_synth_shards_cache_with_the_vae(tmp_path, stand_in_dir):
@@ -44,7 +51,10 @@ def test_round_trip_synth_shards_cache_with_the_vae(tmp_path, stand_in_dir):
     manifest, (bucket,) = load_cache(tmp_path / "cache")
     assert manifest["encoders"]["stand_in"] is True and bucket.bucket == (32, 32)
     assert bucket.latents.shape == (10, 16, 4, 4)
-    assert bucket.text_embeds.shape[:2] == bucket.text_mask.shape and bucket.image_tokens.shape[:2] == (10, 4)
+    assert bucket.prompt_embeds.shape[:2] == bucket.prompt_attention_mask.shape and bucket.image_tokens.shape[:2] == (
+        10,
+        4,
+    )
 
     # The cached values are what the encoders give for those very samples.
     encoders = ConditioningEncoders(spec, device="cpu")
@@ -53,8 +63,8 @@ def test_round_trip_synth_shards_cache_with_the_vae(tmp_path, stand_in_dir):
     torch.testing.assert_close(bucket.latents[order], encoders.encode_latents([s["image"] for s in samples]))
     embeds, mask = encoders.encode_text([s["caption"] for s in samples])
     L = mask.shape[1]
-    torch.testing.assert_close(bucket.text_mask[order][:, :L], mask)
-    torch.testing.assert_close(bucket.text_embeds[order][:, :L] * mask[..., None], embeds * mask[..., None])
+    torch.testing.assert_close(bucket.prompt_attention_mask[order][:, :L], mask)
+    torch.testing.assert_close(bucket.prompt_embeds[order][:, :L] * mask[..., None], embeds * mask[..., None])
     torch.testing.assert_close(bucket.image_embeds[order], encoders.encode_images([s["image"] for s in samples])[0])
 
 
@@ -100,21 +110,17 @@ def test_a_new_resolution_recomputes_the_images_but_not_the_captions(tmp_path, s
     assert report.encoded == {"latents": 4, "text": 0, "image": 4}
 
 
-def test_bf16_encoders_write_an_fp32_cache_that_loses_nothing(tmp_path, stand_in_dir):
+def test_bf16_encoders_write_an_fp32_cache_that_loses_nothing(tmp_path, stand_in_dir, monkeypatch):
     """On a GPU the encoders run in bf16 (run here on the CPU): the cache holds their outputs
     widened to fp32, exactly, and says so in its manifest."""
     write_shards(synthetic_samples(4, 32), tmp_path / "shards", samples_per_shard=4)
     spec = EncoderSpec.stand_in(stand_in_dir)
-    encode_dataset(
-        tmp_path / "shards",
-        tmp_path / "cache",
-        spec,
-        device="cpu",
-        load_encoders=lambda spec, device: ConditioningEncoders(spec, device, dtype=torch.bfloat16),
-    )
+    bf16 = lambda spec, device: ConditioningEncoders(spec, device, dtype=torch.bfloat16)  # noqa: E731
+    monkeypatch.setattr(feature_cache, "ConditioningEncoders", bf16)
+    encode_dataset(tmp_path / "shards", tmp_path / "cache", spec, device="cpu")
     manifest, (bucket,) = load_cache(tmp_path / "cache")
     assert manifest["dtype"] == "float32"
-    for name in ("latents", "text_embeds", "image_embeds", "image_tokens"):
+    for name in ("latents", "prompt_embeds", "image_embeds", "image_tokens"):
         t = getattr(bucket, name)
         assert t.dtype == torch.float32, name
         torch.testing.assert_close(t, t.bfloat16().float(), rtol=0, atol=0)  # bf16 values, widened exactly
@@ -130,7 +136,7 @@ def test_captions_past_the_text_window_are_counted_and_reported(tmp_path, stand_
     assert "1 captions cut to the 128-token window" in report.summary()
     assert "1 captions are longer than the text encoder's 128-token window" in caplog.text
     _, (bucket,) = load_cache(tmp_path / "cache")
-    assert bucket.text_mask.sum(dim=1).max() == 128
+    assert bucket.prompt_attention_mask.sum(dim=1).max() == 128
 
 
 @pytest.mark.parametrize(
@@ -148,10 +154,10 @@ def test_the_cache_loads_straight_to_a_device_and_its_size_is_known_before(tmp_p
     _encode(tmp_path / "shards", tmp_path / "cache", EncoderSpec.stand_in(stand_in_dir, pixel_mode=True))
     _, host = load_cache(tmp_path / "cache")
     _, there = load_cache(tmp_path / "cache", device=device)
-    fields = ("latents", "text_embeds", "text_mask", "image_embeds", "image_tokens")
+    fields = ("latents", "prompt_embeds", "prompt_attention_mask", "image_embeds", "image_tokens")
     for a, b in zip(host, there, strict=True):
         assert all(getattr(b, f).device.type == torch.device(device).type for f in fields)
         assert all(torch.equal(getattr(a, f), getattr(b, f).cpu()) for f in fields)
-    tensors = sum(getattr(b, f).nbytes for b in host for f in fields if f != "text_mask")
+    tensors = sum(getattr(b, f).nbytes for b in host for f in fields if f != "prompt_attention_mask")
     # what the files hold: each caption once (unpadded), plus headers; the same order as in memory
     assert tensors / 2 < cache_nbytes(tmp_path / "cache") < 2 * tensors

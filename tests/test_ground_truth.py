@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from nano_dit import ground_truth
+from nano_dit.config import SamplingConfig
 from nano_dit.feature_cache import CachedBucket
+from nano_dit.probes import ideal_x0, measure_mode_samples, mode_probes
+from nano_dit.sampling import Sampler
 from nano_dit.synthetic import SCENE_COLORS, render_scene, sample_layouts
-from nano_dit.validation import _mode_probes, ideal_x0, measure_mode_samples
 
 
 def test_toward_reads_only_where_source_and_target_differ():
@@ -99,10 +101,11 @@ class Oracle(torch.nn.Module):
         self.bucket, self.ignore_masks = bucket, ignore_masks
 
     def forward(
-        self, x_t, timestep, encoder_hidden_states, encoder_attention_mask, image_embeds, drop_text, drop_image
+        self, x_t, timestep, encoder_hidden_states, encoder_attention_mask, image_embeds, image_tokens, **drops
     ):
+        drop_text, drop_image = drops["drop_text"], drops["drop_image"]
         sigma = timestep[0].item() / 1000
-        texts, images = self.bucket.text_embeds.flatten(1), self.bucket.image_embeds
+        texts, images = self.bucket.prompt_embeds.flatten(1), self.bucket.image_embeds
         same_text = torch.stack([(texts == e.flatten()).all(1) for e in encoder_hidden_states])
         same_image = torch.stack([(images == e).all(1) for e in image_embeds])
         if self.ignore_masks:
@@ -122,8 +125,8 @@ def _bucket_with_siblings(n=8):
         captions=[f"caption {i % (n // 2)}" for i in range(n)],
         meta=[None] * n,
         latents=torch.rand(n, 3, 8, 8, generator=g) * 2 - 1,
-        text_embeds=text,
-        text_mask=torch.ones(n, 4, dtype=torch.long),
+        prompt_embeds=text,
+        prompt_attention_mask=torch.ones(n, 4, dtype=torch.long),
         image_embeds=torch.randn(n, 8, generator=g),
         image_tokens=torch.zeros(n, 1, 8),
     )
@@ -132,7 +135,7 @@ def _bucket_with_siblings(n=8):
 def _probe(model, bucket):
     pipe = SimpleNamespace(transformer=model, device=torch.device("cpu"))
     noise = torch.randn(bucket.latents.shape, generator=torch.Generator().manual_seed(1))
-    return _mode_probes(pipe, bucket, noise, None)["predictions"]
+    return mode_probes(Sampler(pipe, SamplingConfig()), bucket, noise)["predictions"]
 
 
 def test_the_mode_probe_passes_every_ideal_mode_and_fails_a_never_learned_null_mode():

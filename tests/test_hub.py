@@ -85,9 +85,10 @@ def test_checkpoint_final_is_a_full_pipeline_with_a_model_card(run):
 def test_a_step_checkpoint_exports_its_ema_weights(run, tmp_path):
     export(run / "checkpoint_step0000010", tmp_path / "out")
     pipe = NanoDiTPipeline.from_pretrained(tmp_path / "out")
-    ema = torch.load(run / "checkpoint_step0000010" / "custom_checkpoint_0.pkl", weights_only=True)["shadow_params"]
-    for param, shadow in zip(pipe.transformer.parameters(), ema, strict=True):
-        assert torch.equal(param, shadow)
+    ema_dir = run / "checkpoint_step0000010" / "transformer_ema"
+    ema = load_file(ema_dir / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(p, ema[n]) for n, p in pipe.transformer.state_dict().items())
+    assert json.loads((ema_dir / "config.json").read_text())["optimization_step"] == 10  # the EMA's own state
     raw = load_file(run / "checkpoint_step0000010" / "model.safetensors")  # the raw weights differ from EMA
     assert any(not torch.equal(raw[n], p) for n, p in pipe.transformer.state_dict().items())
     assert card_info(pipe)["step"] == 10

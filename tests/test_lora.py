@@ -38,8 +38,8 @@ def _batch(cache):
         x0=bucket.latents,
         noise=torch.randn(bucket.latents.shape, generator=g),
         sigmas=torch.rand(len(bucket), generator=g),
-        encoder_hidden_states=bucket.text_embeds,
-        encoder_attention_mask=bucket.text_mask,
+        encoder_hidden_states=bucket.prompt_embeds,
+        encoder_attention_mask=bucket.prompt_attention_mask,
         image_embeds=bucket.image_embeds,
     )
 

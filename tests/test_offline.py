@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import constants
 
 from nano_dit import offline
-from nano_dit.validation import ImageMetrics, alexnet_weights_path
+from nano_dit.metrics import ImageMetrics, alexnet_weights_path
 
 
 @pytest.fixture

@@ -219,6 +219,20 @@ def test_load_with_torch_dtype(tiny_model, tmp_path):
     assert isinstance(pipe.transformer, NanoDiTTransformer2DModel)
 
 
+def test_diffusers_still_needs_the_loading_view(tiny_model, tmp_path):
+    """`NanoDiTPipeline.from_pretrained` reads a view of the folder whose model_index.json names the
+    installed classes (docs/design.md). This is why: diffusers' own loader, called on the installed
+    class and handed the transformer, still takes the folder's carried modules for custom code. The
+    day it loads the folder directly, this fails: drop the view."""
+    from diffusers import DiffusionPipeline
+
+    _pipe(tiny_model).save_pretrained(tmp_path)
+    transformer = NanoDiTTransformer2DModel.from_pretrained(tmp_path, subfolder="transformer")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained.__func__(NanoDiTPipeline, tmp_path, transformer=transformer)
+    assert isinstance(NanoDiTPipeline.from_pretrained(tmp_path), NanoDiTPipeline)  # through the view
+
+
 def test_a_bf16_pipeline_samples_close_to_fp32_and_a_compiled_one_saves_plain_names(tiny_model, tiny_config, tmp_path):
     conditions = _conditions(tiny_config)
 

@@ -157,9 +157,9 @@ def test_train_resume_validate_and_sample(
 def test_the_cache_has_one_dtype_whatever_wrote_it(caches):
     for cache in ("fp32", "bf16"):
         _, buckets = load_cache(caches[cache])
-        for name in ("latents", "text_embeds", "image_embeds", "image_tokens"):
+        for name in ("latents", "prompt_embeds", "image_embeds", "image_tokens"):
             assert getattr(buckets[0], name).dtype == CACHE_DTYPE, (cache, name)
-        assert buckets[0].text_mask.dtype == torch.long
+        assert buckets[0].prompt_attention_mask.dtype == torch.long
     fp32, bf16 = load_cache(caches["fp32"])[1][0], load_cache(caches["bf16"])[1][0]
     # the bf16 cache holds the fp32 one's values rounded to bf16, widened back exactly
     torch.testing.assert_close(bf16.latents, fp32.latents.bfloat16().float(), rtol=0, atol=0)

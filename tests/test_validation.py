@@ -14,19 +14,17 @@ from conftest import load_script, load_train_script, randomize_
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
+from nano_dit.caption_edits import caption_edits
 from nano_dit.config import SamplingConfig, Thresholds
 from nano_dit.feature_cache import CachedBucket
-from nano_dit.report import FAIL, NA, PASS, WARN, evaluate, verdict
+from nano_dit.metrics import ImageMetrics
+from nano_dit.recorder import ImageWriter, ValidationRecorder
+from nano_dit.report import FAIL, NA, PASS, WARN, ReportInputs, evaluate, verdict
+from nano_dit.sampling import Sampler, compile_for_sampling
+from nano_dit.sheets import to_pil
 from nano_dit.synthetic import COLORS, SHAPES, synthetic_samples
 from nano_dit.training_log import LogRecord
-from nano_dit.validation import (
-    ImageMetrics,
-    caption_edits,
-    compile_for_sampling,
-    generate,
-    run_validation,
-    swap_pairs,
-)
+from nano_dit.validation import swap_pairs, validate
 
 train_nano_dit = load_train_script()
 EXCLUSIVE = "exclusive-bag100:both=70,none=10,text_only=10,image_only=10"
@@ -40,8 +38,8 @@ def _bucket(samples):
         captions=[s["caption"] for s in samples],
         meta=[s.get("meta") for s in samples],
         latents=torch.zeros(n, 3, 32, 32),
-        text_embeds=torch.zeros(n, 4, 8),
-        text_mask=torch.ones(n, 4, dtype=torch.long),
+        prompt_embeds=torch.zeros(n, 4, 8),
+        prompt_attention_mask=torch.ones(n, 4, dtype=torch.long),
         image_embeds=torch.zeros(n, 8),
         image_tokens=torch.zeros(n, 4, 8),
     )
@@ -368,7 +366,7 @@ def test_the_model_probes_measure_a_working_model_as_live(tmp_path, tiny_config)
     b.bucket, b.latents = (16, 16), torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
     b.image_embeds = torch.randn(6, 8, generator=g)
     sampling = SamplingConfig(num_inference_steps=2)
-    probes = run_validation(pipe, [b], tmp_path, ImageMetrics(backbone="none"), sampling, step=1)["model_probes"]
+    probes = validate(Sampler(pipe, sampling), [b], ImageMetrics(backbone="none")).results["model_probes"]
     low = Thresholds().min_prediction_change
     assert probes["samples"] == 6
     assert probes["null_vs_conditional"] > low and probes["sigma_0.25_vs_0.75"] > low
@@ -427,7 +425,7 @@ def test_validation_covers_every_bucket_of_a_multi_aspect_set(tmp_path, tiny_con
 
     buckets = [bucket(4, 16, 16, 0), bucket(6, 24, 16, 4)]
     sampling = SamplingConfig(num_inference_steps=2, batch_size=3)
-    results = run_validation(pipe, buckets, tmp_path, ImageMetrics(backbone="none"), sampling, step=1)
+    results = validate(Sampler(pipe, sampling), buckets, ImageMetrics(backbone="none")).results
     assert [p["key"] for p in results["reconstruction"]["per_image"]] == [f"k{i}" for i in range(10)]
     assert len(results["dino_swap"]["pairs"]) == 3  # from the largest bucket
     assert results["text_manip"] == {"skipped": "the pipeline has no text encoder to encode the edited captions"}
@@ -436,10 +434,12 @@ def test_validation_covers_every_bucket_of_a_multi_aspect_set(tmp_path, tiny_con
     assert recon["mse"] > recon["data_variance"] > 0
 
 
-def test_images_are_written_in_the_background_and_the_same_as_written_inline(tmp_path, tiny_config):
+def test_validation_writes_nothing_and_the_recorder_writes_it_all_images_in_the_background(
+    tmp_path, tiny_config, monkeypatch
+):
     import threading
 
-    from nano_dit.validation import ImageWriter
+    from PIL import Image
 
     class HeldWriter(ImageWriter):  # its thread starts writing only when the gate opens
         def __init__(self):
@@ -452,18 +452,27 @@ def test_images_are_written_in_the_background_and_the_same_as_written_inline(tmp
     bucket.latents = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     bucket.image_embeds = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
     sampling, metrics = SamplingConfig(num_inference_steps=2), ImageMetrics(backbone="none")
-    run_validation(pipe, [bucket], tmp_path / "inline", metrics, sampling, step=1)
-    writer = HeldWriter()
-    results = run_validation(pipe, [bucket], tmp_path / "held", metrics, sampling, step=1, writer=writer)
-    assert (tmp_path / "held" / "results.json").exists()  # returned with every image still queued
-    assert not list((tmp_path / "held").rglob("*.png"))
-    writer.gate.set()
-    writer.wait()
-    inline = sorted(p.relative_to(tmp_path / "inline") for p in (tmp_path / "inline").rglob("*.png"))
-    assert inline == sorted(p.relative_to(tmp_path / "held") for p in (tmp_path / "held").rglob("*.png"))
-    assert len(inline) == 4 + 1 + 2 + 1  # each reconstruction, its sheet, the swap pairs and their sheet
-    assert all((tmp_path / "inline" / p).read_bytes() == (tmp_path / "held" / p).read_bytes() for p in inline)
-    assert results["timings"]["phases"].get("writing", 0.0) == 0.0  # none of it on the validation's clock
+    monkeypatch.chdir(tmp_path)
+    validation = validate(Sampler(pipe, sampling), [bucket], metrics)
+    assert not list(tmp_path.iterdir())  # the core writes no file
+    assert set(validation.timings["phases"]) == {"sampling", "decoding", "metrics"}
+
+    run = tmp_path / "run"
+    recorder = ValidationRecorder(run, ReportInputs(Thresholds(), 0, EXCLUSIVE))
+    recorder.writer = HeldWriter()
+    summary = recorder.record(validation, 7, {"checkpoint": "here"})
+    folder = run / "validation" / "step0000007"
+    results = json.loads((folder / "results.json").read_text())  # returned with every image still queued
+    assert not list(folder.rglob("*.png")) and (run / "RESULTS.md").exists()
+    assert results["step"] == 7 and results["checkpoint"] == "here" and results["verdict"] == summary["verdict"]
+    assert results["reconstruction"] == validation.results["reconstruction"]
+    recorder.writer.gate.set()
+    recorder.wait()
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png"))
+    assert written == sorted([*validation.images, *validation.sheets])
+    assert len(written) == 4 + 1 + 2 + 1  # each reconstruction, its sheet, the swap pairs and their sheet
+    for path, image in validation.images.items():  # each PNG is the image validation returned
+        assert np.array_equal(np.asarray(Image.open(folder / path)), np.asarray(to_pil(image)))
 
 
 def test_metrics_do_not_depend_on_how_the_images_are_chunked():
@@ -490,13 +499,13 @@ def test_compiled_validation_sampling_matches_the_plain_one(tiny_config):
     bucket = _bucket([{"key": f"k{i}", "caption": "a cat"} for i in range(4)])
     bucket.latents = torch.zeros(4, 3, 16, 16)
     bucket.image_embeds = torch.randn(4, 8, generator=g)
-    bucket.text_embeds = torch.randn(4, 4, 8, generator=g)
+    bucket.prompt_embeds = torch.randn(4, 4, 8, generator=g)
     noise = torch.randn(4, 3, 16, 16, generator=g)
     names = list(pipe.transformer.state_dict())
 
-    sampling = SamplingConfig(num_inference_steps=3, batch_size=4)
-    plain = generate(pipe, bucket, range(4), noise, sampling)
-    swap = generate(pipe, bucket, [0, 1, 2], noise, sampling, image_rows=[1, 2, 3])
+    sampler = Sampler(pipe, SamplingConfig(num_inference_steps=3, batch_size=4))
+    plain = sampler.generate(bucket, range(4), noise)
+    swap = sampler.generate(bucket, [0, 1, 2], noise, image_rows=[1, 2, 3])
     graphs = []
 
     def backend(gm, example_inputs):  # dynamo's capture, run as captured: counts graphs, no codegen
@@ -505,11 +514,11 @@ def test_compiled_validation_sampling_matches_the_plain_one(tiny_config):
 
     compile_for_sampling(pipe, backend)
     compile_for_sampling(pipe, backend)  # once only
-    compiled = generate(pipe, bucket, range(4), noise, sampling)
+    compiled = sampler.generate(bucket, range(4), noise)
     # Regional: the repeated block is one graph, which every block reuses; a batch of 3 (a DINO
     # swap here) is padded to 4 and reuses it too, instead of compiling a graph of its own.
     assert len(graphs) == 1
-    compiled_swap = generate(pipe, bucket, [0, 1, 2], noise, sampling, image_rows=[1, 2, 3])
+    compiled_swap = sampler.generate(bucket, [0, 1, 2], noise, image_rows=[1, 2, 3])
     assert len(graphs) == 1 and compiled_swap.shape == swap.shape == (3, 3, 16, 16)
     assert torch.allclose(compiled, plain, atol=1e-5) and torch.allclose(compiled_swap, swap, atol=1e-5)
     assert compiled.is_inference()  # sampled under torch.inference_mode
@@ -517,8 +526,6 @@ def test_compiled_validation_sampling_matches_the_plain_one(tiny_config):
 
 
 def test_an_exported_step_checkpoint_carries_the_figures_of_its_validation(tmp_path, stand_in_dir):
-    import os
-
     from nano_dit.cli import main
     from nano_dit.hub import card_info, export
 
@@ -535,10 +542,9 @@ def test_an_exported_step_checkpoint_carries_the_figures_of_its_validation(tmp_p
     assert figures["verdict"] == results["verdict"]
     assert (tmp_path / "after" / "samples.png").exists()
 
-    # A validation folder older than the checkpoint belongs to an earlier run in that folder.
-    state = checkpoint / "training_state.json"
-    later = (tmp_path / "run" / "validation" / "step0000010" / "results.json").stat().st_mtime + 60
-    os.utime(state, (later, later))
+    # A validation of another run (an earlier one that this folder held) is not this checkpoint's.
+    path = tmp_path / "run" / "validation" / "step0000010" / "results.json"
+    path.write_text(json.dumps({**results, "run_id": "another-run"}))
     export(checkpoint, tmp_path / "stale")
     assert "Not validated yet" in (tmp_path / "stale" / "README.md").read_text()
 
