@@ -97,7 +97,8 @@ def checkpoint_ema_with_the_state(accelerator, ema: EMAModel) -> None:
 
     def save(models, weights, output_dir):
         if accelerator.is_main_process:
-            ema.save_pretrained(os.path.join(output_dir, EMA_DIR))
+            with torch.random.fork_rng(devices=[]):  # it builds a model to save: training's numbers stay
+                ema.save_pretrained(os.path.join(output_dir, EMA_DIR))
 
     def load(models, input_dir):
         saved = EMAModel.from_pretrained(os.path.join(input_dir, EMA_DIR), ema.model_cls, foreach=ema.foreach)

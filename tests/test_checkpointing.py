@@ -46,6 +46,15 @@ def _state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def test_checkpointing_leaves_the_training_unchanged(tmp_path, stand_in_dir):
+    """Saving a checkpoint (the EMA's folder builds a model to save) draws none of training's random
+    numbers: a run saved at steps 4 and 8 ends as one saved at step 8 alone."""
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "twice"))
+    train_nano_dit.main(_args(tmp_path, stand_in_dir, "once", "--checkpoint-every", "8"))
+    twice, once = _state(tmp_path / "twice", 8), _state(tmp_path / "once", 8)
+    assert twice.keys() == once.keys() and all(torch.equal(twice[k], once[k]) for k in twice)
+
+
 @pytest.mark.slow
 def test_a_resumed_run_is_the_run_that_never_stopped(tmp_path, stand_in_dir, monkeypatch):
     train_nano_dit.main(_args(tmp_path, stand_in_dir, "straight"))
