@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from diffusers.training_utils import EMAModel
+from diffusers.utils import logging as diffusers_logging
 
 from . import __version__
 
@@ -101,12 +102,29 @@ def checkpoint_ema_with_the_state(accelerator, ema: EMAModel) -> None:
                 ema.save_pretrained(os.path.join(output_dir, EMA_DIR))
 
     def load(models, input_dir):
-        saved = EMAModel.from_pretrained(os.path.join(input_dir, EMA_DIR), ema.model_cls, foreach=ema.foreach)
-        ema.load_state_dict(saved.state_dict())
+        ema.load_state_dict(load_ema(Path(input_dir), ema.model_cls, foreach=ema.foreach).state_dict())
         ema.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
+
+
+def load_ema(checkpoint: Path, model_cls, foreach: bool = False) -> EMAModel:
+    """The EMA of a checkpoint (`transformer_ema/`), as `EMAModel.from_pretrained` reads it: the
+    shadow weights are the folder's model, the EMA's state (decay, step count) its config's extra
+    keys. Read with `from_pretrained` and `load_config` directly, without that method's deprecated
+    config-as-path call, and without diffusers' warning that the extra keys "will be ignored" (here
+    they are read)."""
+    folder = str(checkpoint / EMA_DIR)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        model = model_cls.from_pretrained(folder)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    ema = EMAModel(model.parameters(), model_cls=model_cls, model_config=model.config, foreach=foreach)
+    ema.load_state_dict(model_cls.load_config(folder))  # it takes the EMA's keys, the model's are no state
+    return ema
 
 
 def resolve_resume(resume: str, checkpoint_dir: str | os.PathLike) -> Path | None:

@@ -22,7 +22,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from PIL import Image
 
 from . import __version__
-from .checkpointing import EMA_DIR, STATE_FILE, read_state
+from .checkpointing import STATE_FILE, load_ema, read_state
 from .config import TrainConfig
 from .encoders import ConditioningEncoders, EncoderSpec, describe
 from .folders import save_aside
@@ -67,7 +67,8 @@ def load_pipeline(checkpoint: str | Path) -> NanoDiTPipeline:
         )
     state = read_state(path)
     config = TrainConfig.from_saved(state["config"])
-    transformer = NanoDiTTransformer2DModel.from_pretrained(path / EMA_DIR)  # the EMA weights
+    transformer = NanoDiTTransformer2DModel(**config.model)
+    load_ema(path, NanoDiTTransformer2DModel).copy_to(transformer.parameters())  # the EMA weights
     pipe = build_pipeline(transformer, config.encoder_spec())
     figures, sheet = recorded_figures(path, config.output_dir)
     scheme_and_run = {k: state[k] for k in ("cfg_dropout_scheme", "run_id")}
