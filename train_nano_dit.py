@@ -22,12 +22,13 @@ import time
 import uuid
 from pathlib import Path
 
+import diffusers.optimization
 import torch
+import transformers
 from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from nano_dit import NanoDiTTransformer2DModel
 from nano_dit.checkpointing import (
@@ -114,12 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             model_config=model.config,
         )
         optimizer = build_optimizer(config, model, device)
-        # Accelerate steps a prepared scheduler once per process at each optimizer step, hence the
-        # scaling (as diffusers' training scripts do): the schedule spans total_steps optimizer steps.
-        n = accelerator.num_processes
-        lr_scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, config.warmup_steps * n, config.total_steps * n, min_lr=config.min_lr
-        )
+        lr_scheduler = build_lr_scheduler(config, optimizer, accelerator.num_processes)
         model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
         ema.to(device)
     params = list(model.parameters())  # walked once, not at every clip and EMA update
@@ -150,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump(config_record(config), f, indent=2)
-    accelerator.init_trackers("nano-dit", config=tracker_config(config))
+    accelerator.init_trackers(config.tracker_project_name, config=tracker_config(config))
 
     # ---------------------------------------------------------------- loop
     log_path = os.path.join(checkpoint_dir, "training_log.jsonl")
@@ -392,6 +388,21 @@ def build_optimizer(config: TrainConfig, model, device) -> torch.optim.Optimizer
         return bnb.optim.AdamW8bit(model.parameters(), **params)
     # fused: one kernel for all parameters, where the device has it
     return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **params)
+
+
+def build_lr_scheduler(config: TrainConfig, optimizer, num_processes: int):
+    """--lr-scheduler over --total-steps after --warmup-steps. Accelerate steps a prepared scheduler
+    once per process at each optimizer step, hence the scaling (as diffusers' training scripts do).
+    The default, the validation plan's cosine to a floor (`--min-lr`), is transformers'
+    `cosine_with_min_lr`; the others are diffusers' `get_scheduler`'s."""
+    warmup, total = config.warmup_steps * num_processes, config.total_steps * num_processes
+    if config.lr_scheduler == "cosine_with_min_lr":
+        return transformers.get_scheduler(
+            "cosine_with_min_lr", optimizer, warmup, total, scheduler_specific_kwargs={"min_lr": config.min_lr}
+        )
+    return diffusers.optimization.get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total
+    )
 
 
 class OutOfMemory(RuntimeError):

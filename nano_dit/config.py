@@ -30,12 +30,24 @@ from .pipelines.pipeline_nano_dit import (
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 LPIPS_BACKBONES = ("pretrained", "random", "none")
+# transformers' cosine-with-floor (the plan's), then diffusers' get_scheduler's own
+LR_SCHEDULERS = (
+    "cosine_with_min_lr",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
 
 
-def setting(default=dataclasses.MISSING, help: str = "", *, choices=None, flag: bool = True, factory=None):
+def setting(default=dataclasses.MISSING, help: str = "", *, choices=None, flag: bool = True, factory=None, alias=None):
     """A dataclass field with its help text (and allowed values) in its metadata: the one place a
-    setting is explained. `flag=False`: settable in code and YAML only."""
-    metadata = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag}
+    setting is explained. `flag=False`: settable in code and YAML only. `alias`: the name diffusers'
+    training examples give the same setting, accepted as a flag and a YAML key too."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "flag": flag, "alias": alias}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -214,11 +226,15 @@ class TrainConfig:
     pixel_mode: bool = setting(True, "no VAE: the model works on pixels in [-1, 1]")
     max_sequence_length: int = setting(MAX_SEQUENCE_LENGTH, "T5 tokens kept of a caption (cache and shipped pipeline)")
     # -- run
-    resume: str | None = setting(None, 'a checkpoint folder, or "latest" (the newest in the checkpoint folder)')
+    resume: str | None = setting(
+        None, 'a checkpoint folder, or "latest" (the newest in the checkpoint folder)', alias="resume_from_checkpoint"
+    )
     checkpoint_dir: str | None = setting(
         None, "where checkpoints and the training log go (default: <output_dir>/checkpoints)"
     )  # made <output_dir>/checkpoints when the config is (__post_init__): one folder, one name
-    checkpoint_every: int = setting(1000, "steps between accelerator.save_state checkpoints")
+    checkpoint_every: int = setting(
+        1000, "steps between accelerator.save_state checkpoints", alias="checkpointing_steps"
+    )
     checkpoints_total_limit: int | None = setting(None, "keep only the newest N checkpoints (default: all)")
     overwrite_output_dir: bool = setting(False, "start afresh in an output folder that holds a run")
     # -- CFG dropout: four exclusive modes, exact counts over every 100 draws (CFGDropout)
@@ -235,14 +251,23 @@ class TrainConfig:
     mode_scale: float = setting(_OBJECTIVE.mode_scale, 'scale of the "mode" σ density')
     shift: float = setting(_OBJECTIVE.shift, "SD3 time shift of the training σ (1: as drawn)")
     # -- optimisation
-    total_steps: int = setting(2000, "optimizer steps")
-    batch_size: int = setting(32, "samples per micro-batch (per process); one bucket per batch")
+    total_steps: int = setting(2000, "optimizer steps", alias="max_train_steps")
+    batch_size: int = setting(
+        32, "samples per micro-batch (per process); one bucket per batch", alias="train_batch_size"
+    )
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
-    peak_lr: float = setting(2e-3, "AdamW learning rate after warmup")
-    min_lr: float = setting(1e-6, "floor of the cosine decay")
-    warmup_steps: int = setting(50, "linear warmup; the plan's 5k would leave no room for the decay")
+    peak_lr: float = setting(2e-3, "AdamW learning rate after warmup", alias="learning_rate")
+    lr_scheduler: str = setting(
+        "cosine_with_min_lr",
+        "LR schedule after the warmup: the plan's cosine to --min-lr, or one of diffusers' get_scheduler",
+        choices=LR_SCHEDULERS,
+    )
+    min_lr: float = setting(1e-6, "floor of the cosine decay (cosine_with_min_lr)")
+    warmup_steps: int = setting(
+        50, "linear warmup; the plan's 5k would leave no room for the decay", alias="lr_warmup_steps"
+    )
     weight_decay: float = setting(0.03, "AdamW weight decay")
-    grad_clip: float = setting(1.0, "max global gradient norm")
+    grad_clip: float = setting(1.0, "max global gradient norm", alias="max_grad_norm")
     ema_decay: float = setting(0.9999, "EMAModel max decay (with warmup)")
     mixed_precision: str | None = setting(
         None, "unset: as `accelerate launch` says (flag or config)", choices=MIXED_PRECISIONS
@@ -254,7 +279,10 @@ class TrainConfig:
         "steps in a row with a non-finite loss or gradient (each skipped on the device) that stop the run; "
         "read at logging steps (--log-every), so the stop comes at the first one after",
     )
-    report_to: str = setting("none", "experiment tracker", choices=("none", "tensorboard", "wandb"))
+    report_to: str = setting(
+        "none", "experiment tracker (all: every one Accelerate finds installed)", choices=REPORT_TO
+    )
+    tracker_project_name: str = setting("nano-dit", "the trackers' project (accelerator.init_trackers)")
     seed: int = setting(0, "seeds weights, data order, noise, CFG dropout and the validation noise")
     cpu_threads: int | None = setting(None, "torch threads per process on a CPU run (default: the cores / processes)")
     compile: bool = setting(False, "torch.compile the transformer through Accelerate (pays off on a GPU)")
@@ -265,7 +293,9 @@ class TrainConfig:
         "default elsewhere",
         choices=COMPILE_MODES,
     )
-    tf32: bool = setting(True, "TF32 matmuls on Ampere+ GPUs (fp32 weights, faster matmuls); no effect elsewhere")
+    tf32: bool = setting(
+        True, "TF32 matmuls on Ampere+ GPUs (fp32 weights, faster matmuls); no effect elsewhere", alias="allow_tf32"
+    )
     cache_on_device: str = setting(
         "auto",
         "yes: the whole feature cache on the device; no: host memory, a copy per batch; "
@@ -275,7 +305,9 @@ class TrainConfig:
     log_every: int = setting(50, "steps between log records and progress-bar updates")
     # -- validation: the plan's three tests on the EMA weights, then RESULTS.md (nano_dit.validation)
     validation: bool = setting(True, "--no-validation skips the tests (and loading the encoders they need)")
-    validation_every: int = setting(2000, "steps between validations; the last step is always validated")
+    validation_every: int = setting(
+        2000, "steps between validations; the last step is always validated", alias="validation_steps"
+    )
     sampling: SamplingConfig = setting(help="how validation samples", factory=_run_sampling)
     lpips_backbone: str = setting(
         "pretrained", "LPIPS AlexNet: pretrained (cached / fetched once), random or none", choices=LPIPS_BACKBONES
@@ -400,17 +432,29 @@ def flag_fields(cls=TrainConfig) -> list[dataclasses.Field]:
     return out
 
 
+def flag_names(f: dataclasses.Field) -> list[str]:
+    """A field's flags: its name with dashes and with underscores (`--output-dir`, `--output_dir`, as
+    transformers' HfArgumentParser registers them), then its diffusers alias in both spellings."""
+    names = [f.name] + ([f.metadata["alias"]] if f.metadata.get("alias") else [])
+    return list(dict.fromkeys(flag for name in names for flag in (_flag(name), f"--{name}")))
+
+
+def aliases(cls=TrainConfig) -> dict[str, str]:
+    """diffusers' names of the settings -> the fields' names."""
+    return {f.metadata["alias"]: f.name for f in flag_fields(cls) if f.metadata.get("alias")}
+
+
 def add_flags(
     parser: argparse.ArgumentParser, fields: list[dataclasses.Field], default_note: str, presets: bool = False
 ) -> None:
     """One flag per field, its type, choices and help read from the field. `default_note` says where
     an unset flag's value comes from (`{default}`: the field's default); `presets`: also each
     preset's own value, where it sets one. Unset flags parse as None."""
-    sampling = _run_sampling()
+    sampling, sampling_flags = _run_sampling(), {x.name for x in flag_fields(SamplingConfig)}
     for f in fields:
         kind = next((t for t in (bool, int, float) if f.type.startswith(t.__name__)), str)  # "int | None" -> int
         default = f.default if f.default is not dataclasses.MISSING else None
-        if presets and hasattr(sampling, f.name):  # the run's sampling default, not the pipeline's
+        if presets and f.name in sampling_flags:  # the run's sampling default, not the pipeline's
             default = getattr(sampling, f.name)
         note = default_note.format(default=default)
         if presets:
@@ -421,10 +465,12 @@ def add_flags(
             )
         help_text = f"{f.metadata['help']} ({note})".replace("%", "%%")
         if kind is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                *flag_names(f), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
             continue
         parser.add_argument(
-            _flag(f.name), dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text
+            *flag_names(f), dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text
         )
 
 
@@ -458,7 +504,11 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
         parser.error(f"--config {path}: {err}")
     if not isinstance(data, dict):
         parser.error(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    values = {str(key).replace("-", "_"): value for key, value in data.items()}
+    names = aliases()
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        values[names.get(name, name)] = value
     unknown = sorted(set(values) - {f.name for f in flag_fields()})
     if unknown:
         parser.error(f"--config {path}: unknown settings {unknown}")

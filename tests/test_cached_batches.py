@@ -71,7 +71,7 @@ def test_auto_keeps_the_cache_on_the_device_when_it_takes_a_quarter_of_free_memo
 def test_a_bad_cache_placement_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--cache-on-device", "sometimes"])
-    assert "argument --cache-on-device: invalid choice: 'sometimes'" in capsys.readouterr().err
+    assert "argument --cache-on-device/--cache_on_device: invalid choice: 'sometimes'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])

@@ -60,7 +60,7 @@ def test_demo_training_learns_and_saves_a_loadable_pipeline(tmp_path, stand_in_d
         (["--checkpoints-total-limit", "0"], r"--checkpoints-total-limit must be > 0 .*got 0"),
         (["--guidance-scale", "nan"], r"--guidance-scale must be a finite number >= 0, got nan"),
         (["--image-guidance-scale", "inf"], r"--image-guidance-scale must be a finite number >= 0, got inf"),
-        (["--mixed-precision", "fp8x"], r"argument --mixed-precision: invalid choice: 'fp8x'"),
+        (["--mixed-precision", "fp8x"], r"argument --mixed-precision/--mixed_precision: invalid choice: 'fp8x'"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):
@@ -114,7 +114,8 @@ def test_every_flag_is_explained_by_its_field_and_help_shows_it(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
-    assert "--max-bad-steps MAX_BAD_STEPS steps in a row with a non-finite loss" in text
+    assert "--max-bad-steps MAX_BAD_STEPS, --max_bad_steps MAX_BAD_STEPS steps in a row with a non-finite loss" in text
+    assert "--checkpoint-every CHECKPOINT_EVERY, --checkpoint_every CHECKPOINT_EVERY, --checkpointing-steps" in text
     assert "--guidance-mode {independent,nested}" in text
 
 
@@ -163,15 +164,67 @@ def test_a_saved_config_reads_back_and_unknown_fields_are_left_out():
     saved = dataclasses.asdict(config)
     assert TrainConfig.from_saved(saved) == config
     assert TrainConfig.from_saved({**saved, "retired": 1}) == config  # a field this version does not know
-    for old in (["--text-guidance-scale", "2"], ["--validation-steps", "7"]):  # names no release ever had
-        with pytest.raises(SystemExit):
-            parse_config(old)
+    with pytest.raises(SystemExit):  # a name no release ever had
+        parse_config(["--text-guidance-scale", "2"])
+
+
+def test_every_flag_takes_both_spellings():
+    import argparse
+
+    from nano_dit.config import add_flags, flag_fields
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, flag_fields(), "default: {default}")
+    for f in flag_fields():
+        kind = next((t for t in ("bool", "int", "float") if f.type.startswith(t)), "str")
+        value = [] if kind == "bool" else [(f.metadata["choices"] or ("3" if kind != "str" else "x",))[0]]
+        dashed = vars(parser.parse_args([f"--{f.name.replace('_', '-')}", *value]))
+        underscored = vars(parser.parse_args([f"--{f.name}", *value]))
+        assert dashed == underscored and dashed[f.name] is not None, f.name
+
+
+DIFFUSERS_LAUNCH = [
+    *("--train_batch_size", "4", "--max_train_steps", "4", "--learning_rate", "1e-3", "--lr_warmup_steps", "1"),
+    *("--checkpointing_steps", "2", "--checkpoints_total_limit", "1", "--max_grad_norm", "0.5", "--allow_tf32"),
+    *("--gradient_accumulation_steps", "1", "--mixed_precision", "no", "--seed", "3", "--report_to", "none"),
+    *("--validation_steps", "2", "--num_inference_steps", "2"),
+]
+
+
+def test_diffusers_flag_names_set_the_same_settings():
+    config = parse_config(["--output_dir", "runs/x", "--resume_from_checkpoint", "latest", *DIFFUSERS_LAUNCH])
+    assert (config.output_dir, config.resume, config.batch_size, config.total_steps) == ("runs/x", "latest", 4, 4)
+    assert (config.peak_lr, config.warmup_steps, config.checkpoint_every, config.grad_clip) == (1e-3, 1, 2, 0.5)
+    assert (config.checkpoints_total_limit, config.tf32, config.mixed_precision, config.seed) == (1, True, "no", 3)
+    # --validation_steps is diffusers' "validate every N steps"; the Euler steps are --num_inference_steps
+    assert (config.validation_every, config.sampling.num_inference_steps) == (2, 2)
+    assert parse_config(["--no-allow_tf32"]).tf32 is False
+
+
+def test_a_yaml_config_takes_diffusers_names_too(tmp_path):
+    (tmp_path / "run.yaml").write_text("train_batch_size: 4\nlearning_rate: 0.001\nvalidation-steps: 5\n")
+    config = parse_config(["--config", str(tmp_path / "run.yaml")])
+    assert (config.batch_size, config.peak_lr, config.validation_every) == (4, 1e-3, 5)
+
+
+def test_a_launch_line_with_diffusers_flag_names_trains(tmp_path, stand_in_dir):
+    args = [
+        *("--num-images", "8", "--resolution", "16", "--shards", str(tmp_path / "shards")),
+        *("--cache", str(tmp_path / "cache"), "--stand-in-encoders", str(stand_in_dir)),
+        *("--output_dir", str(tmp_path / "run"), "--lpips-backbone", "random", *DIFFUSERS_LAUNCH),
+    ]
+    train_nano_dit.main(args)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "validation").glob("step*")) == ["step0000002", "step0000004"]
+    assert [p.name for p in (run / "checkpoints").glob("checkpoint_step*")] == ["checkpoint_step0000004"]  # limit 1
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["batch_size"], saved["peak_lr"], saved["grad_clip"]) == (4, 1e-3, 0.5)
 
 
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--guidance-mode", "both"], "argument --guidance-mode: invalid choice: 'both'"),
+        (["--guidance-mode", "both"], "argument --guidance-mode/--guidance_mode: invalid choice: 'both'"),
         (["--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0, got -1.0"),
         (["--num-inference-steps", "0"], "--num-inference-steps must be > 0, got 0"),
         (["--shift", "0"], "--weighting-scheme / --logit-std / --shift: shift must be > 0"),
@@ -262,3 +315,31 @@ def test_the_trackers_get_flat_scalar_settings():
     assert all(v is None or isinstance(v, (int, float, str, bool)) for v in tracked.values())  # TensorBoard's hparams
     assert tracked["sampling_guidance_scale"] == 2.5 and tracked["batch_size"] == config.batch_size
     assert tracked["sampling_batch_size"] == config.sampling.batch_size and "model" not in tracked
+
+
+def test_the_default_lr_schedule_is_the_plans_cosine_to_a_floor_and_the_others_are_diffusers():
+    from diffusers.optimization import get_scheduler
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    from nano_dit.config import LR_SCHEDULERS
+
+    def lrs(scheduler, steps=12):
+        out = []
+        for _ in range(steps):
+            out.append(scheduler.get_last_lr()[0])
+            scheduler.optimizer.step()
+            scheduler.step()
+        return out
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+
+    config = parse_config(["--warmup-steps", "2", "--total-steps", "10", "--min-lr", "1e-5"])
+    plan = get_cosine_with_min_lr_schedule_with_warmup(optimizer(), 4, 20, min_lr=1e-5)  # 2 processes
+    assert lrs(train_nano_dit.build_lr_scheduler(config, optimizer(), 2)) == lrs(plan)
+    ours = lrs(train_nano_dit.build_lr_scheduler(config, optimizer(), 1))
+    assert ours[0] == 0 and ours[2] == pytest.approx(1e-3) and ours[10] == pytest.approx(1e-5)  # warmup, floor
+    for name in LR_SCHEDULERS[1:]:
+        config = parse_config(["--lr_scheduler", name, "--lr_warmup_steps", "2", "--max_train_steps", "10"])
+        expected = get_scheduler(name, optimizer(), num_warmup_steps=2, num_training_steps=10)
+        assert lrs(train_nano_dit.build_lr_scheduler(config, optimizer(), 1)) == lrs(expected), name
