@@ -46,7 +46,7 @@ from nano_dit.config import TrainConfig, parse_config
 from nano_dit.data import CachedBatches, cache_fits_on_device, conditioning, model_config_for, prepare_data, to_device
 from nano_dit.feature_cache import cache_nbytes, load_cache
 from nano_dit.flow_matching import LossBySigma
-from nano_dit.hub import PushFailed, ema_pipeline, export_run, recorded_figures
+from nano_dit.hub import HubRepoRefused, PushFailed, create_run_repo, ema_pipeline, export_run, recorded_figures
 from nano_dit.metrics import ImageMetrics
 from nano_dit.recorder import ValidationRecorder
 from nano_dit.report import ReportInputs
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
         dynamo_plugin=dynamo_plugin(config),
     )
     record_launch_settings(config, accelerator)  # config.json, the report and validation see what is in effect
+    if config.push_to_hub and accelerator.is_main_process:
+        accelerator.print(f"Hub repo for the final push: {create_run_repo(config)}")  # checked before any work
     device = accelerator.device
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.tf32
     set_seed(config.seed, device_specific=True)
@@ -425,7 +427,7 @@ def out_of_memory_message(config: TrainConfig, step: int, checkpoint_dir: str) -
 if __name__ == "__main__":
     try:
         main()
-    except (FileExistsError, FileNotFoundError, NotADirectoryError, OutOfMemory, PushFailed) as err:  # a message
+    except (FileExistsError, FileNotFoundError, NotADirectoryError, OutOfMemory, PushFailed, HubRepoRefused) as err:
         sys.exit(f"train_nano_dit.py: error: {err}")
     except ValueError as err:  # bad input found past the flags (data, checkpoints): one line unless debugging
         if os.environ.get("NANO_DIT_DEBUG"):

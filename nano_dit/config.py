@@ -313,8 +313,11 @@ class TrainConfig:
         "pretrained", "LPIPS AlexNet: pretrained (cached / fetched once), random or none", choices=LPIPS_BACKBONES
     )
     push_to_hub: bool = setting(
-        False, "upload checkpoint_final to the Hub at the end (token: HF_TOKEN or `hf auth login`)"
+        False,
+        "upload checkpoint_final to the Hub at the end; the repo is created or found first, before any "
+        "work (token: HF_TOKEN or `hf auth login`)",
     )
+    hub_private: bool | None = setting(None, "create the Hub repo private (unset: the Hub's default)")
     hub_model_id: str | None = setting(None, "the Hub repo for --push-to-hub (default: the output folder's name)")
     model: dict = setting(help="NanoDiTTransformer2DModel config (preset + data widths)", flag=False, factory=dict)
 

@@ -246,7 +246,7 @@ def export_run(
     if not config.push_to_hub:
         return None
     try:
-        url = push(pipe, config.repo_id, final_dir)
+        url = push(pipe, config.repo_id, final_dir, config.hub_private)
     except PushFailed as failed:  # the run is saved: say why once the report is written
         return failed
     print(f"pushed to the Hub: {url}")
@@ -292,6 +292,27 @@ def export(
     if repo_id is not None:
         push(pipe, repo_id, out if out is not None else checkpoint, private)
     return Path(out) if out is not None else None
+
+
+def create_run_repo(config: TrainConfig) -> str:
+    """The run's Hub repo (`--hub-model-id`), created or found now (`create_repo(exist_ok=True)`),
+    before any training: a bad token, a missing permission or an unreachable Hub stops the run
+    here in one `HubRepoRefused` line, not after it. Returns the repo id."""
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.create_repo(config.repo_id, private=config.hub_private, exist_ok=True).repo_id
+    except Exception as err:
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        raise HubRepoRefused(
+            f"--push-to-hub: the Hub repo {config.repo_id} could not be created or found "
+            f"({type(err).__name__}: {first_line}); nothing was trained. Check the token (HF_TOKEN or "
+            "`hf auth login`), its write permission and --hub-model-id, or run without --push-to-hub"
+        ) from err
+
+
+class HubRepoRefused(RuntimeError):
+    """The run's Hub repo could not be created or found; the run stops before it starts."""
 
 
 class PushFailed(RuntimeError):

@@ -34,13 +34,15 @@ def _files(folder) -> dict[str, str]:
 class FakeHub:
     """Stands in for the Hub: records each repo creation and each uploaded folder's files."""
 
-    def __init__(self, monkeypatch):
-        self.uploads, self.tokens = [], []
+    def __init__(self, monkeypatch, data: Path | None = None):
+        self.uploads, self.tokens, self.created = [], [], []  # created: (repo, private, data made yet)
+        self.data = data
         monkeypatch.setattr(huggingface_hub, "create_repo", self.create_repo)
         monkeypatch.setattr(huggingface_hub, "upload_folder", self.upload_folder)
 
     def create_repo(self, repo_id, token=None, private=None, exist_ok=False, **kwargs):
         self.tokens.append(token)
+        self.created.append((repo_id, private, self.data is not None and self.data.exists()))
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def upload_folder(self, repo_id, folder_path, token=None, **kwargs):
@@ -135,6 +137,33 @@ def test_a_failed_push_says_why_in_one_line_and_where_the_local_copy_is(tmp_path
     assert TOKEN not in str(info.value)
     NanoDiTPipeline.from_pretrained(final)  # the local copy is whole
     assert (tmp_path / "run" / "RESULTS.md").exists()  # and the report written
+
+
+def test_the_hub_repo_is_created_before_any_work_and_private_when_asked(tmp_path, stand_in_dir, monkeypatch):
+    hub = FakeHub(monkeypatch, data=tmp_path / "shards")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    _train(
+        tmp_path, stand_in_dir, "--push_to_hub", "--hub_model_id", "user/demo", "--hub-private", "--total-steps", "10"
+    )
+    assert hub.created[0] == ("user/demo", True, False)  # at the start: not a shard written yet
+    assert [repo for repo, _ in hub.uploads] == ["user/demo"]
+
+
+def test_a_refused_hub_repo_stops_the_run_before_it_starts_in_one_line(tmp_path, stand_in_dir, monkeypatch):
+    hub = FakeHub(monkeypatch)
+
+    def refused(repo_id, token=None, **kwargs):
+        raise OSError(f"401 Client Error: Unauthorized for url: https://huggingface.co/api/repos/create\n{token}")
+
+    monkeypatch.setattr(hub, "create_repo", refused)
+    monkeypatch.setattr(huggingface_hub, "create_repo", refused)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(RuntimeError) as info:
+        _train(tmp_path, stand_in_dir, "--push-to-hub", "--hub-model-id", "user/demo")
+    message = str(info.value)
+    assert message.startswith("--push-to-hub: the Hub repo user/demo could not be created or found (OSError: 401")
+    assert "\n" not in message and TOKEN not in message and "nothing was trained" in message
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_push_to_hub_without_a_token_is_refused_before_any_work(monkeypatch, capsys):
