@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings.update(compile=config.compile, start_step=start_step)  # a resumed run times its own steps
     timings = RunTimings(config.output_dir, timer, settings, started)
     report = ReportInputs(config.thresholds(), config.warmup_steps, cfg_dropout.scheme, log_path, stand_in)
-    recorder = ValidationRecorder(config.output_dir, report, log=accelerator.log, timings=timings)
+    recorder = ValidationRecorder(config.output_dir, report, trackers=accelerator.trackers, timings=timings)
     validator = EMAValidator(config, buckets, ema, accelerator, recorder)
     info = {"cfg_dropout_scheme": cfg_dropout.scheme, "run_id": run_id}  # in results.json and each checkpoint
     if accelerator.is_main_process:

@@ -273,27 +273,51 @@ def test_a_run_ending_off_its_logging_interval_still_logs_its_last_steps(tmp_pat
     assert "(step 3)" in (tmp_path / "run" / "RESULTS.md").read_text().splitlines()[0]  # the report sees them
 
 
-def test_the_tracker_gets_the_training_and_validation_figures(tmp_path, stand_in_dir, monkeypatch):
-    from accelerate import Accelerator
+def _sheet_sizes(run: Path, step: int) -> dict[str, tuple[int, int]]:
+    from PIL import Image
 
-    logged = []
-    monkeypatch.setattr(
-        Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append((step, values))
-    )
-    train_nano_dit.main(
-        _demo_args(tmp_path, stand_in_dir, "--total-steps", "20", "--warmup-steps", "2", "--log-every", "10")
-    )
-    steps = [step for step, _ in logged]
-    assert steps == [10, 20, 20]  # two logging intervals, then the validation at the last step
-    training = logged[0][1]
-    assert {"loss", "grad_norm", "lr", "ema_decay", "samples_per_s"} <= set(training)
-    assert [k for k in training if k.startswith("loss_sigma_")] == [
-        "loss_sigma_0.00-0.25",
-        "loss_sigma_0.25-0.50",
-        "loss_sigma_0.50-0.75",
-        "loss_sigma_0.75-1.00",
-    ]
-    assert {"reconstruction_psnr", "dino_swap_sensitivity", "text_sensitivity"} <= set(logged[2][1])
+    folder = run / "validation" / f"step{step:07d}"
+    return {
+        name: Image.open(folder / name / "sheet.png").size
+        for name in ("reconstruction", "dino_swap", "text_manip", "modes")
+    }
+
+
+def test_tensorboard_gets_the_training_figures_the_validation_figures_and_the_sheets(tmp_path, stand_in_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ("--total-steps", "20", "--warmup-steps", "2", "--log-every", "10", "--validation_steps", "10")
+    train_nano_dit.main(_demo_args(tmp_path, stand_in_dir, *flags, "--report_to", "tensorboard"))
+    run = tmp_path / "run"
+    (events,) = (run / "nano-dit").glob("events.out.tfevents.*")  # the tracker project's folder
+    read = EventAccumulator(str(events.parent), size_guidance={"images": 0, "scalars": 0})
+    read.Reload()  # tensorboard's own reader
+    assert [e.step for e in read.Scalars("loss")] == [10, 20]
+    assert {"loss_sigma_0.00-0.25", "grad_norm", "lr"} <= set(read.Tags()["scalars"])
+    for name in ("reconstruction_psnr", "dino_swap_sensitivity", "text_sensitivity", "probe_null_vs_conditional"):
+        assert [e.step for e in read.Scalars(name)] == [10, 20], name
+    final = json.loads((run / "validation" / "step0000020" / "results.json").read_text())
+    assert read.Scalars("reconstruction_psnr")[-1].value == pytest.approx(final["reconstruction"]["mean_psnr"])
+    for step in (10, 20):  # one image per sheet and validation, the sheet itself
+        for name, (width, height) in _sheet_sizes(run, step).items():
+            (image,) = [e for e in read.Images(f"validation/{name}") if e.step == step]
+            assert (image.width, image.height) == (width, height), (name, step)
+
+
+def test_wandb_offline_gets_the_validation_sheets(tmp_path, stand_in_dir, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    flags = ("--total-steps", "10", "--warmup-steps", "2", "--log-every", "10", "--report_to", "wandb")
+    train_nano_dit.main(_demo_args(tmp_path, stand_in_dir, *flags, "--tracker_project_name", "my-project"))
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")  # the run folder W&B keeps offline
+    from PIL import Image
+
+    media = {
+        p.name.split("_10_")[0]: Image.open(p).size for p in (offline / "files/media/images/validation").glob("*")
+    }
+    assert media == _sheet_sizes(tmp_path / "run", 10)  # each sheet, logged at the validation's step
 
 
 def test_bad_input_found_past_the_flags_ends_in_one_line_not_a_traceback(tmp_path, stand_in_dir):
