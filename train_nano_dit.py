@@ -28,6 +28,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.utils import TorchDynamoPlugin, set_seed
 from diffusers.training_utils import EMAModel
+from PIL import Image
 from tqdm.auto import tqdm
 
 from nano_dit import NanoDiTTransformer2DModel
@@ -54,7 +55,7 @@ from nano_dit.sampling import Sampler, compile_for_sampling
 from nano_dit.step_guard import ema_step, optimizer_step
 from nano_dit.timings import PhaseTimer, RunTimings, describe_device
 from nano_dit.training_log import TrainingLog
-from nano_dit.validation import validate
+from nano_dit.validation import Prompt, validate
 
 SIGMA_BINS = 4  # the tracker gets the loss per quarter of the noise range
 
@@ -271,6 +272,9 @@ class EMAValidator:
             recorder,
         )
         self.pipe, self.metrics = None, None
+        self.prompts = [  # --validation-prompts, their reference images read once
+            Prompt(text, Image.open(path).convert("RGB") if path else None, path) for text, path in config.prompts()
+        ]
 
     def __call__(self, step: int, info: dict) -> None:
         accelerator = self.accelerator
@@ -291,7 +295,7 @@ class EMAValidator:
             self.ema.copy_to(self.pipe.transformer.parameters())
         sampler = Sampler(self.pipe, config.sampling, config.mixed_precision, PhaseTimer(device))
         setup = time.perf_counter() - start
-        validation = validate(sampler, self.buckets, self.metrics, seed=config.seed)
+        validation = validate(sampler, self.buckets, self.metrics, seed=config.seed, prompts=self.prompts)
         info = {"checkpoint": f"EMA weights at step {step}", **info}
         summary = self.recorder.record(validation, step, info, setup_seconds=setup)
         reasons = "; ".join(summary["reasons"][:3])
@@ -336,11 +340,12 @@ def dynamo_plugin(config: TrainConfig) -> TorchDynamoPlugin | None:
 
 def tracker_config(config: TrainConfig) -> dict:
     """The settings as the trackers take them: flat, scalars only (TensorBoard's hparams refuse a
-    nested dict); the sampling settings as `sampling_<name>`, the model config left out."""
+    nested dict or a list); the sampling settings as `sampling_<name>`, a list as one string, the
+    model config left out."""
     record = config_record(config)
     sampling = {f"sampling_{k}": v for k, v in record.pop("sampling").items()}
     record.pop("model")
-    return {**record, **sampling}
+    return {k: " | ".join(v) if isinstance(v, list) else v for k, v in {**record, **sampling}.items()}
 
 
 def record_launch_settings(config: TrainConfig, accelerator: Accelerator) -> None:

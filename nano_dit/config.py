@@ -308,6 +308,11 @@ class TrainConfig:
     validation_every: int = setting(
         2000, "steps between validations; the last step is always validated", alias="validation_steps"
     )
+    validation_prompts: list[str] | None = setting(
+        None,
+        "your prompts, sampled at every validation: each a prompt, or a .txt file of one per line; a line "
+        "`prompt | reference.png` also conditions on that image (DINOv3)",
+    )
     sampling: SamplingConfig = setting(help="how validation samples", factory=_run_sampling)
     lpips_backbone: str = setting(
         "pretrained", "LPIPS AlexNet: pretrained (cached / fetched once), random or none", choices=LPIPS_BACKBONES
@@ -324,6 +329,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.checkpoint_dir is None:
             self.checkpoint_dir = str(Path(self.output_dir) / "checkpoints")
+
+    def prompts(self) -> list[tuple[str, str | None]]:
+        """--validation-prompts as (prompt, reference image path or None): each value a prompt, or a
+        .txt file read one prompt per line (blank lines and `#` lines skipped); `prompt | image` names
+        a reference image, a relative path read from the file's folder."""
+        out = []
+        for value in self.validation_prompts or []:
+            path = Path(value)
+            if value.endswith(".txt"):
+                if not path.is_file():
+                    raise ValueError(f"--validation-prompts: no prompt file {value}")
+                lines = [line.strip() for line in path.read_text().splitlines()]
+                out += [_prompt(line, path.parent) for line in lines if line and not line.startswith("#")]
+            else:
+                out.append(_prompt(value, Path.cwd()))
+        for prompt, image in out:
+            if image is not None and not Path(image).is_file():
+                raise ValueError(f"--validation-prompts: the reference image of {prompt!r} is not a file: {image}")
+        return out
 
     def check(self) -> None:
         """Refuse a bad setting with a message naming its flag, before any work."""
@@ -353,6 +377,7 @@ class TrainConfig:
             raise ValueError(f"--cpu-threads must be > 0, got {self.cpu_threads}")
         _check_choices(self)
         self.sampling.check()
+        self.prompts()  # the prompt files and reference images exist
         try:
             self.cfg_dropout()
         except ValueError as err:
@@ -402,6 +427,14 @@ class TrainConfig:
         else:
             spec = EncoderSpec(self.text_encoder, self.image_encoder, vae=None if self.pixel_mode else self.vae)
         return dataclasses.replace(spec, max_sequence_length=self.max_sequence_length)
+
+
+def _prompt(text: str, folder: Path) -> tuple[str, str | None]:
+    """`prompt` or `prompt | image` -> (prompt, image path or None), a relative image read from `folder`."""
+    prompt, _, image = (part.strip() for part in text.partition("|"))
+    if not prompt:
+        raise ValueError(f"--validation-prompts: an empty prompt in {text!r}")
+    return prompt, (str(folder / image) if image and not Path(image).is_absolute() else image or None)
 
 
 def _field_names(cls) -> set[str]:
@@ -471,6 +504,9 @@ def add_flags(
             parser.add_argument(
                 *flag_names(f), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
+            continue
+        if f.type.startswith("list["):  # several values after one flag, as diffusers' --validation_prompts
+            parser.add_argument(*flag_names(f), dest=f.name, nargs="+", default=None, help=help_text)
             continue
         parser.add_argument(
             *flag_names(f), dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text

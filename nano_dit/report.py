@@ -446,6 +446,11 @@ def _markdown(summary: dict, folder: Path | None, results, indicators, stand_in:
             if ((results.get("model_probes") or {}).get("modes") or {}).get("samples_drawn")
             else []
         ),
+        *(
+            [f"Your prompts (--validation-prompts): ![prompts]({rel}/prompts/sheet.png)", ""]
+            if isinstance(results.get("prompts"), list)
+            else []
+        ),
         f"Every figure, per image: [{rel}/results.json]({rel}/results.json).",
         "",
     ]

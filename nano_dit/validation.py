@@ -7,6 +7,7 @@ with a pipeline on the cached features and returns what it found. It writes noth
       dino_swap/        5 pairs: A's caption with B's DINOv3 embedding;                   sheet.png
       text_manip/       5 rule-based caption edits, the DINOv3 embedding kept;            sheet.png
       modes/            unguided text-only and image-only samples (the mode probe);       sheet.png
+      prompts/          your --validation-prompts, sampled as the run samples;           sheet.png
       results.json      every figure below, per image and as means
 
 1. **Reconstruction**: ST-LPIPS, LPIPS, PSNR and SSIM (`nano_dit.metrics`) of each output to its
@@ -39,8 +40,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from PIL import Image
 
 from . import ground_truth
 from .caption_edits import caption_edits
@@ -74,6 +77,16 @@ class Validation:
 
 
 @dataclass(frozen=True)
+class Prompt:
+    """A prompt of the user's, sampled at every validation; `image`: a reference image (DINOv3)
+    to condition on too, `reference` the name it is recorded under."""
+
+    text: str
+    image: Image.Image | None = None
+    reference: str | None = None
+
+
+@dataclass(frozen=True)
 class Reference:
     """What the swap and the edits compare against, on the largest bucket: each sample's starting
     noise, its ground truth and its reconstruction (from the same noise)."""
@@ -85,8 +98,11 @@ class Reference:
 
 
 @torch.inference_mode()
-def validate(sampler: Sampler, buckets: list[CachedBucket], metrics: ImageMetrics, seed: int = 0) -> Validation:
-    """The three tests and the model probes with `sampler` on the cached `buckets`.
+def validate(
+    sampler: Sampler, buckets: list[CachedBucket], metrics: ImageMetrics, seed: int = 0, prompts: tuple = ()
+) -> Validation:
+    """The three tests and the model probes with `sampler` on the cached `buckets`, then the user's
+    `prompts` (`Prompt`s), each from noise of its own.
 
     `seed` seeds each sample's starting noise (bucket b from `seed + b`). The phases go to
     `sampler.timer`; those of this call are the validation's `timings`."""
@@ -137,6 +153,8 @@ def validate(sampler: Sampler, buckets: list[CachedBucket], metrics: ImageMetric
         out.sheets["modes/sheet.png"] = sheet
     probes["modes"] = modes
     out.results["model_probes"] = probes
+    if prompts:
+        out.results["prompts"] = _prompts(sampler, prompts, ref.bucket.bucket, seed, out)
     phases = {name: s - before.get(name, 0.0) for name, s in timer.seconds.items() if s != before.get(name)}
     out.timings = {
         "seconds": round(time.perf_counter() - start, 3),
@@ -252,6 +270,37 @@ def _text_manip(sampler: Sampler, metrics: ImageMetrics, ref: Reference, out: Va
         "share_followed": sum(r["followed"] for r in followed) / len(followed) if followed else None,
         "mean_toward_edit": sum(r["toward_edit"] for r in followed) / len(followed) if followed else None,
     }
+
+
+def _prompts(sampler: Sampler, prompts, size: tuple[int, int], seed: int, out: Validation) -> list[dict] | dict:
+    """Each prompt sampled at the bucket's `size` (W, H) with the run's settings, from noise seeded
+    by `seed` and its place in the list; with its reference image, when it has one."""
+    pipe, s = sampler.pipe, sampler.sampling
+    if pipe.text_encoder is None or pipe.tokenizer is None:
+        return {"skipped": "the pipeline has no text encoder to encode the prompts"}
+    records, cells, captions = [], [], []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator().manual_seed(seed + i)
+        with sampler.timer.phase("sampling"), sampler.autocast():
+            image = pipe(
+                prompt=prompt.text,
+                image=prompt.image,
+                width=size[0],
+                height=size[1],
+                num_inference_steps=s.num_inference_steps,
+                guidance_scale=s.guidance_scale,
+                image_guidance_scale=s.image_guidance_scale,
+                guidance_mode=s.guidance_mode,
+                generator=generator,
+                output_type="pt",
+            ).images[0]
+        image = image.float().cpu()
+        out.images[f"prompts/prompt{i}.png"] = image
+        cells.append(image)
+        captions.append(prompt.text + (f" (with {Path(prompt.reference).name})" if prompt.reference else ""))
+        records.append({"prompt": prompt.text, "reference": prompt.reference, "image": f"prompts/prompt{i}.png"})
+    out.sheets["prompts/sheet.png"] = Sheet(cells, captions, columns=min(len(cells), 8))
+    return records
 
 
 def _reconstruction_summary(per_image: list[dict], recon: dict, truth: dict) -> dict:

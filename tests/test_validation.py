@@ -327,6 +327,64 @@ def test_training_validates_and_writes_the_report(tmp_path, stand_in_dir):
     assert result["verdict"] == results["verdict"]
 
 
+def test_your_prompts_are_sampled_at_every_validation_as_the_shipped_pipeline_samples_them(tmp_path, stand_in_dir):
+    from PIL import Image
+
+    from nano_dit.sheets import to_pil
+
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "prompts.txt").write_text("# mine\na small blue square at the top | red.png\n\n")
+    _run(
+        tmp_path,
+        stand_in_dir,
+        "--total-steps",
+        "10",
+        "--validation_prompts",
+        "a red circle",
+        str(tmp_path / "prompts.txt"),
+    )
+    folder = tmp_path / "run" / "validation" / "step0000010"
+    results = json.loads((folder / "results.json").read_text())
+    assert [(p["prompt"], p["reference"]) for p in results["prompts"]] == [
+        ("a red circle", None),
+        ("a small blue square at the top", str(tmp_path / "red.png")),
+    ]
+    assert {p.name for p in (folder / "prompts").iterdir()} == {"prompt0.png", "prompt1.png", "sheet.png"}
+    assert "validation/step0000010/prompts/sheet.png" in (tmp_path / "run" / "RESULTS.md").read_text()
+    # the last validation's prompts are what the shipped pipeline (the same EMA weights) draws
+    pipe = NanoDiTPipeline.from_pretrained(tmp_path / "run" / "checkpoints" / "checkpoint_final")
+    pipe.set_progress_bar_config(disable=True)
+    sampling = results["sampling"]
+    for i, (prompt, image) in enumerate(
+        [("a red circle", None), ("a small blue square at the top", tmp_path / "red.png")]
+    ):
+        drawn = pipe(
+            prompt=prompt,
+            image=Image.open(image).convert("RGB") if image else None,
+            width=16,
+            height=16,
+            num_inference_steps=sampling["num_inference_steps"],
+            guidance_scale=sampling["guidance_scale"],
+            image_guidance_scale=sampling["image_guidance_scale"],
+            guidance_mode=sampling["guidance_mode"],
+            generator=torch.Generator().manual_seed(sampling["seed"] + i),
+            output_type="pt",
+        ).images[0]
+        saved = np.asarray(Image.open(folder / "prompts" / f"prompt{i}.png"), dtype=np.int16)
+        assert np.abs(saved - np.asarray(to_pil(drawn.float()), dtype=np.int16)).max() <= 1
+
+
+def test_a_missing_prompt_file_or_reference_image_is_refused_naming_it(tmp_path, capsys):
+    from nano_dit.config import parse_config
+
+    with pytest.raises(SystemExit):
+        parse_config(["--validation_prompts", str(tmp_path / "none.txt")])
+    assert "--validation-prompts: no prompt file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(["--validation_prompts", "a cat | missing.png"])
+    assert "the reference image of 'a cat' is not a file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "fault,indicator",
     [
