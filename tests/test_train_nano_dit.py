@@ -274,20 +274,19 @@ def test_a_run_ending_off_its_logging_interval_still_logs_its_last_steps(tmp_pat
 
 
 def _sheet_sizes(run: Path, step: int) -> dict[str, tuple[int, int]]:
+    """Each contact sheet of a validation (the user's prompts' too, where there are some), by name."""
     from PIL import Image
 
     folder = run / "validation" / f"step{step:07d}"
-    return {
-        name: Image.open(folder / name / "sheet.png").size
-        for name in ("reconstruction", "dino_swap", "text_manip", "modes")
-    }
+    return {p.parent.name: Image.open(p).size for p in folder.glob("*/sheet.png")}
 
 
 def test_tensorboard_gets_the_training_figures_the_validation_figures_and_the_sheets(tmp_path, stand_in_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     flags = ("--total-steps", "20", "--warmup-steps", "2", "--log-every", "10", "--validation_steps", "10")
-    train_nano_dit.main(_demo_args(tmp_path, stand_in_dir, *flags, "--report_to", "tensorboard"))
+    prompts = ("--validation_prompts", "a red circle on the left", "a blue square")
+    train_nano_dit.main(_demo_args(tmp_path, stand_in_dir, *flags, *prompts, "--report_to", "tensorboard"))
     run = tmp_path / "run"
     (events,) = (run / "nano-dit").glob("events.out.tfevents.*")  # the tracker project's folder
     read = EventAccumulator(str(events.parent), size_guidance={"images": 0, "scalars": 0})
@@ -299,18 +298,21 @@ def test_tensorboard_gets_the_training_figures_the_validation_figures_and_the_sh
     final = json.loads((run / "validation" / "step0000020" / "results.json").read_text())
     assert read.Scalars("reconstruction_psnr")[-1].value == pytest.approx(final["reconstruction"]["mean_psnr"])
     for step in (10, 20):  # one image per sheet and validation, the sheet itself
-        for name, (width, height) in _sheet_sizes(run, step).items():
+        sheets = _sheet_sizes(run, step)
+        assert set(sheets) == {"reconstruction", "dino_swap", "text_manip", "modes", "prompts"}
+        for name, (width, height) in sheets.items():
             (image,) = [e for e in read.Images(f"validation/{name}") if e.step == step]
             assert (image.width, image.height) == (width, height), (name, step)
 
 
-def test_wandb_offline_gets_the_validation_sheets(tmp_path, stand_in_dir, monkeypatch):
+def test_report_to_all_reaches_wandb_offline_and_tensorboard(tmp_path, stand_in_dir, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    flags = ("--total-steps", "10", "--warmup-steps", "2", "--log-every", "10", "--report_to", "wandb")
+    flags = ("--total-steps", "10", "--warmup-steps", "2", "--log-every", "10", "--report_to", "all")
     train_nano_dit.main(_demo_args(tmp_path, stand_in_dir, *flags, "--tracker_project_name", "my-project"))
+    assert list((tmp_path / "run" / "my-project").glob("events.out.tfevents.*"))  # TensorBoard, in the project
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")  # the run folder W&B keeps offline
     from PIL import Image
 
