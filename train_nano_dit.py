@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {"device": describe_device(device), "mixed_precision": config.mixed_precision}
     settings.update(compile=config.compile, start_step=start_step)  # a resumed run times its own steps
     timings = RunTimings(config.output_dir, timer, settings, started)
-    report = ReportInputs(config.thresholds(), config.warmup_steps, cfg_dropout.scheme, log_path, stand_in)
+    report = ReportInputs.of_run(config, cfg_dropout.scheme, log_path, stand_in)
     recorder = ValidationRecorder(config.output_dir, report, trackers=accelerator.trackers, timings=timings)
     validator = EMAValidator(config, buckets, ema, accelerator, recorder)
     info = {"cfg_dropout_scheme": cfg_dropout.scheme, "run_id": run_id}  # in results.json and each checkpoint
@@ -264,13 +264,8 @@ class EMAValidator:
     `validate` and written by `recorder`. The main process validates; the others wait."""
 
     def __init__(self, config: TrainConfig, buckets, ema: EMAModel, accelerator: Accelerator, recorder):
-        self.config, self.buckets, self.ema, self.accelerator, self.recorder = (
-            config,
-            buckets,
-            ema,
-            accelerator,
-            recorder,
-        )
+        self.config, self.buckets, self.ema = config, buckets, ema
+        self.accelerator, self.recorder = accelerator, recorder
         self.pipe, self.metrics = None, None
         self.prompts = [  # --validation-prompts, their reference images read once
             Prompt(text, Image.open(path).convert("RGB") if path else None, path) for text, path in config.prompts()

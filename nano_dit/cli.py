@@ -176,13 +176,8 @@ def validate_checkpoint(
     compile_for_sampling(pipe, config.compile_backend if config.compile else None)
     _, buckets = load_cache(cache or config.cache)
     run_dir = Path(output_dir) if output_dir else run_dir_of(checkpoint)
-    report = ReportInputs(
-        config.thresholds(),
-        config.warmup_steps,
-        scheme,
-        log_path=checkpoint.parent / "training_log.jsonl",
-        stand_in=info["encoders"]["stand_in"],
-    )
+    log_path = checkpoint.parent / "training_log.jsonl"
+    report = ReportInputs.of_run(config, scheme, log_path, stand_in=info["encoders"]["stand_in"])
     recorder = ValidationRecorder(run_dir, report)
     sampler = Sampler(pipe, config.sampling, config.mixed_precision, PhaseTimer(device))
     validation = validate(sampler, buckets, ImageMetrics(device, lpips_backbone), seed=config.seed)

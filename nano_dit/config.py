@@ -334,8 +334,8 @@ class TrainConfig:
         """--validation-prompts as (prompt, reference image path or None): each value a prompt, or a
         .txt file read one prompt per line (blank lines and `#` lines skipped); `prompt | image` names
         a reference image, a relative path read from the file's folder."""
-        out = []
-        for value in self.validation_prompts or []:
+        out, values = [], self.validation_prompts or []
+        for value in [values] if isinstance(values, str) else values:  # a YAML file may give one string
             path = Path(value)
             if value.endswith(".txt"):
                 if not path.is_file():

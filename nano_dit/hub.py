@@ -67,9 +67,7 @@ def load_pipeline(checkpoint: str | Path) -> NanoDiTPipeline:
         )
     state = read_state(path)
     config = TrainConfig.from_saved(state["config"])
-    transformer = NanoDiTTransformer2DModel(**config.model)
-    load_ema(path, NanoDiTTransformer2DModel).copy_to(transformer.parameters())  # the EMA weights
-    pipe = build_pipeline(transformer, config.encoder_spec())
+    pipe = ema_pipeline(load_ema(path, NanoDiTTransformer2DModel), config)
     figures, sheet = recorded_figures(path, config.output_dir)
     scheme_and_run = {k: state[k] for k in ("cfg_dropout_scheme", "run_id")}
     set_model_card(pipe, run_info(config, state["step"], scheme_and_run, results=figures), sheet)

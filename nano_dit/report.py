@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .cfg_dropout import scheme_counts
-from .config import Thresholds
+from .config import Thresholds, TrainConfig
 from .timings import read_timings, timings_table
 from .training_log import LogRecord, read_log
 
@@ -366,6 +366,11 @@ class ReportInputs:
     scheme: str
     log_path: str | Path | None = None
     stand_in: bool = False
+
+    @classmethod
+    def of_run(cls, config: TrainConfig, scheme: str, log_path=None, stand_in: bool = False) -> ReportInputs:
+        """A run's: the thresholds of its preset and its warmup, from its config."""
+        return cls(config.thresholds(), config.warmup_steps, scheme, log_path, stand_in)
 
 
 def write_report(run_dir: str | Path, inputs: ReportInputs, stopped: bool = False) -> dict:

@@ -218,7 +218,7 @@ def rejudge(out: Path, config) -> dict:
     from nano_dit.training_log import read_log
 
     log = read_log(out / "checkpoints" / "training_log.jsonl")
-    inputs = ReportInputs(config.thresholds(), config.warmup_steps, config.cfg_dropout().scheme, stand_in=True)
+    inputs = ReportInputs.of_run(config, config.cfg_dropout().scheme, stand_in=True)
     return write_report(
         out, inputs, stopped=log[-1].step < config.total_steps
     )  # the log keeps every step up to a stop

@@ -205,6 +205,8 @@ def test_a_yaml_config_takes_diffusers_names_too(tmp_path):
     (tmp_path / "run.yaml").write_text("train_batch_size: 4\nlearning_rate: 0.001\nvalidation-steps: 5\n")
     config = parse_config(["--config", str(tmp_path / "run.yaml")])
     assert (config.batch_size, config.peak_lr, config.validation_every) == (4, 1e-3, 5)
+    (tmp_path / "one.yaml").write_text("validation_prompts: a red circle\n")  # one prompt, not its letters
+    assert parse_config(["--config", str(tmp_path / "one.yaml")]).prompts() == [("a red circle", None)]
 
 
 def test_a_launch_line_with_diffusers_flag_names_trains(tmp_path, stand_in_dir):
