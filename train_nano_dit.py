@@ -49,6 +49,7 @@ from nano_dit.feature_cache import cache_nbytes, load_cache
 from nano_dit.flow_matching import LossBySigma
 from nano_dit.hub import HubRepoRefused, PushFailed, create_run_repo, ema_pipeline, export_run, recorded_figures
 from nano_dit.metrics import ImageMetrics
+from nano_dit.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals, clear_stop_record, write_stop_record
 from nano_dit.recorder import ValidationRecorder
 from nano_dit.report import ReportInputs
 from nano_dit.sampling import Sampler, compile_for_sampling
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         os.makedirs(checkpoint_dir, exist_ok=True)
         os.makedirs(config.output_dir, exist_ok=True)
+        clear_stop_record(config.output_dir)  # an earlier stop's record: this run goes on from it
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
             json.dump(config_record(config), f, indent=2)
     accelerator.init_trackers(config.tracker_project_name, config=tracker_config(config))
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     bad_in_a_row, interval_start = 0, time.perf_counter()
     timings.start_loop()
     step = start_step
+    # SIGTERM / SIGUSR1 (a scheduler's warning): the step in progress ends, is checkpointed, the run stops
+    stop = StopSignals(accelerator.process_index, accelerator.num_processes).install()
     try:
         for step in range(start_step + 1, config.total_steps + 1):
             # The first step apart: it compiles (--compile) and warms the allocator and kernels.
@@ -199,12 +203,15 @@ def main(argv: list[str] | None = None) -> dict:
                 ema_step(ema, params, finite)
                 optimizer.zero_grad(set_to_none=True)
             progress.update(1)
+            last = step == config.total_steps
+            stopping = stop.should_stop() if not last else None  # the last step just ends the run
 
-            # -------- log: each step's values stay on the device until a logging step reads them all
+            # -------- log: each step's values stay on the device until a logging step reads them all; the
+            # log ends with the run's last step (or the one a signal stops it after), whatever the intervals
             log.add(step, loss, grad_norm.detach(), lr_scheduler.get_last_lr()[0], ema.cur_decay_value, ~finite)
-            last = step == config.total_steps  # the log ends with the run's last step, whatever the intervals
-            validating = config.validation and (step % config.validation_every == 0 or last)
-            if last or validating or step % config.log_every == 0 or step % config.checkpoint_every == 0:
+            validating = config.validation and (step % config.validation_every == 0 or last) and not stopping
+            saving = step % config.checkpoint_every == 0 or stopping
+            if last or stopping or validating or saving or step % config.log_every == 0:
                 records = log.flush(samples_per_step, time.perf_counter() - interval_start)
                 bad_in_a_row = count_skipped(records, bad_in_a_row, config, accelerator, recorder, step)
                 record = records[-1]
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
                 progress.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}")
 
             # -------- checkpoint
-            if step % config.checkpoint_every == 0:
+            if saving:
                 with timer.phase("checkpoints"):
                     check_replicas_agree(accelerator, model)
                     state = {"config": config_record(config), **info}
@@ -226,12 +233,15 @@ def main(argv: list[str] | None = None) -> dict:
                 timings.note_peak(device)
                 with timer.phase("validation"):
                     validator(step, info)
+            if stopping:
+                raise stopped_by_signal(config, stopping, step, accelerator, timings)
             if not log.pending:  # logged: the next interval's rate counts training alone
                 interval_start = time.perf_counter()
     except torch.cuda.OutOfMemoryError as err:  # (torch.OutOfMemoryError in newer torch)
         raise OutOfMemory(out_of_memory_message(config, step, checkpoint_dir)) from err
     finally:
         log.close()
+        stop.restore()
 
     timings.end_loop(config.total_steps - start_step, samples_per_step, device)
 
@@ -298,6 +308,22 @@ class EMAValidator:
             f"validation at step {step}: {summary['verdict']}{' — ' + reasons if reasons else ''} "
             f"(see {Path(config.output_dir) / 'RESULTS.md'})"
         )
+
+
+def stopped_by_signal(config: TrainConfig, signal_name: str, step: int, accelerator, timings) -> Preempted:
+    """The end of a run stopped by `signal_name` once step `step` is checkpointed: stopped.json,
+    the timings so far, the trackers closed, and the line that names the checkpoint."""
+    checkpoint = Path(config.checkpoint_dir) / checkpoint_name(step)
+    if accelerator.is_main_process:
+        write_stop_record(config.output_dir, signal_name, step, checkpoint)
+        timings.save()
+    accelerator.end_training()
+    message = (
+        f"stopped by {signal_name} after step {step} of {config.total_steps}; checkpoint: {checkpoint}; "
+        f"continue with --resume latest (exit code {PREEMPTED_EXIT_CODE})"
+    )
+    accelerator.print(message)
+    return Preempted(message, checkpoint)
 
 
 def count_skipped(records, bad_in_a_row: int, config: TrainConfig, accelerator, recorder, step: int) -> int:
@@ -427,6 +453,8 @@ def out_of_memory_message(config: TrainConfig, step: int, checkpoint_dir: str) -
 if __name__ == "__main__":
     try:
         main()
+    except Preempted:  # its line is printed: a requeue wrapper tests the code (or stopped.json)
+        sys.exit(PREEMPTED_EXIT_CODE)
     except (FileExistsError, FileNotFoundError, NotADirectoryError, OutOfMemory, PushFailed, HubRepoRefused) as err:
         sys.exit(f"train_nano_dit.py: error: {err}")
     except ValueError as err:  # bad input found past the flags (data, checkpoints): one line unless debugging
