@@ -16,6 +16,7 @@ import torch
 from .config import TrainConfig
 from .encoders import STAND_IN_MARKER, make_stand_in_encoders
 from .feature_cache import CachedBucket, EncodeReport, encode_dataset
+from .locks import BuildLock
 from .pipelines.pipeline_nano_dit import transformer_inputs
 from .shards import write_shards
 from .synthetic import synthetic_samples
@@ -29,19 +30,36 @@ def prepare_data(config: TrainConfig, timer: PhaseTimer | None = None) -> Encode
 
     Writes the synthetic set and the stand-in encoders first when the config asks for them and
     they are missing. Encoders are loaded only if something is not cached yet. Each part is timed
-    as a "data: ..." phase of `timer`.
+    as a "data: ..." phase of `timer`. Each part is built under a `BuildLock`: of runs started
+    together on the same folders, one builds it and the others read what it wrote (the report's
+    `notes` say so).
     """
     timer = timer or PhaseTimer()
-    shards = Path(config.shards)
-    if config.synth_if_missing and not any(shards.glob("bucket_*/shard-*.tar")):
-        with timer.phase("data: synthetic set"):
-            samples = synthetic_samples(config.num_images, config.resolution, config.seed)
-            write_shards(samples, shards, samples_per_shard=max(1, config.num_images // 5), overwrite=True)
-        logger.info("wrote %d synthetic images to %s", config.num_images, shards)
-    if config.stand_in_encoders and not (Path(config.stand_in_encoders) / STAND_IN_MARKER).exists():
-        with timer.phase("data: stand-in encoders"):
-            make_stand_in_encoders(config.stand_in_encoders, seed=config.seed)
-    return encode_dataset(shards, config.cache, config.encoder_spec(), timer=timer)
+    shards, notes = Path(config.shards), []
+    if config.synth_if_missing and not _has_shards(shards):
+        with BuildLock(shards, "the synthetic set") as lock:  # runs started together: one draws it
+            if not _has_shards(shards):
+                with timer.phase("data: synthetic set"):
+                    samples = synthetic_samples(config.num_images, config.resolution, config.seed)
+                    write_shards(samples, shards, samples_per_shard=max(1, config.num_images // 5), overwrite=True)
+                logger.info("wrote %d synthetic images to %s", config.num_images, shards)
+            elif lock.waited_for is not None:
+                notes.append(lock.note)
+    stand_ins = Path(config.stand_in_encoders) if config.stand_in_encoders else None
+    if stand_ins is not None and not (stand_ins / STAND_IN_MARKER).exists():
+        with BuildLock(stand_ins, "the stand-in encoders") as lock:
+            if not (stand_ins / STAND_IN_MARKER).exists():
+                with timer.phase("data: stand-in encoders"):
+                    make_stand_in_encoders(stand_ins, seed=config.seed)
+            elif lock.waited_for is not None:
+                notes.append(lock.note)
+    report = encode_dataset(shards, config.cache, config.encoder_spec(), timer=timer)
+    report.notes[:0] = notes
+    return report
+
+
+def _has_shards(folder: Path) -> bool:
+    return any(folder.glob("bucket_*/shard-*.tar"))
 
 
 def model_config_for(config: TrainConfig, buckets: list[CachedBucket]) -> dict:

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .encoders import ConditioningEncoders, EncoderSpec, describe
+from .locks import BuildLock
 from .shards import ShardReader, bucket_name
 from .timings import PhaseTimer
 
@@ -95,6 +96,7 @@ class EncodeReport:
     stand_in: bool
     max_sequence_length: int  # the T5 window (EncoderSpec's)
     truncated: int = 0  # captions encoded now that were longer than the text window, cut to it
+    notes: list[str] = field(default_factory=list)  # what another run built while this one waited
 
     def summary(self) -> str:
         kinds = ", ".join(f"{k}: {self.encoded[k]} encoded / {self.reused[k]} cached" for k in self.encoded)
@@ -102,7 +104,8 @@ class EncodeReport:
         cut = (
             f"; {self.truncated} captions cut to the {self.max_sequence_length}-token window" if self.truncated else ""
         )
-        return f"{self.samples} samples, {len(self.skipped)} skipped; {kinds}{cut}{note}"
+        waited = "".join(f"\n{n}" for n in self.notes)
+        return f"{self.samples} samples, {len(self.skipped)} skipped; {kinds}{cut}{note}{waited}"
 
 
 def encode_dataset(
@@ -126,33 +129,20 @@ def encode_dataset(
             raise ValueError(f"no usable samples in {shard_root}: {reader.stats.summary()}")
         for s in samples:
             s["image_hash"], s["text_hash"] = image_hash(s["image"]), text_hash(s["caption"])
-        stores = _open_stores(cache_dir, spec, {s["bucket"] for s in samples})
-    todo = {
-        "latents": [s for s in samples if s["image_hash"] not in stores["latents"][s["bucket"]]],
-        "text": [s for s in samples if s["text_hash"] not in stores["text"]],
-        "image": [s for s in samples if f"{s['image_hash']}.global" not in stores["image"][s["bucket"]]],
-    }
-    todo["text"] = list({s["text_hash"]: s for s in todo["text"]}.values())  # each caption once
-    truncated = 0  # captions encoded now that the text window cuts
-    if any(todo.values()):
-        with timer.phase("data: loading encoders"):
-            encoders = ConditioningEncoders(spec, device)
-        batch_size = batch_size or (64 if encoders.device.type == "cuda" else 16)
-        with timer.phase("data: encoding"):
-            if todo["text"]:
-                truncated = encoders.count_truncated([s["caption"] for s in todo["text"]])
-            if truncated:
-                logger.warning(
-                    "%d captions are longer than the text encoder's %d-token window: cut to it",
-                    truncated,
-                    spec.max_sequence_length,
-                )
-            for kind, pending in todo.items():
-                for batch in _batches(pending, batch_size, desc=f"encode {kind}"):
-                    _encode_batch(kind, batch, encoders, stores)
-            for store in _all(stores):
-                store.save()
-    _write_manifest(cache_dir, spec, samples)
+        buckets = {s["bucket"] for s in samples}
+        todo = _missing(samples, _open_stores(cache_dir, spec, buckets))
+    truncated, notes = 0, []  # captions encoded now that the text window cuts; another run's work
+    if any(todo.values()):  # one run encodes; the others, started with it, wait and read what it wrote
+        with BuildLock(cache_dir, "the feature cache") as lock:
+            stores = _open_stores(cache_dir, spec, buckets)  # as it is now, with what it waited for
+            todo = _missing(samples, stores)
+            if any(todo.values()):
+                truncated = _encode(todo, stores, spec, batch_size, device, timer)
+            elif lock.waited_for is not None:
+                notes.append(lock.note)
+            _write_manifest(cache_dir, spec, samples)
+    else:
+        _write_manifest(cache_dir, spec, samples)
     reused = {kind: len(samples) - len(pending) for kind, pending in todo.items()}
     reused["text"] = len({s["text_hash"] for s in samples}) - len(todo["text"])
     return EncodeReport(
@@ -163,7 +153,42 @@ def encode_dataset(
         reused=reused,
         skipped=reader.stats.skipped,
         stand_in=spec.uses_stand_ins,
+        notes=notes,
     )
+
+
+def _missing(samples: list[dict], stores: dict) -> dict[str, list[dict]]:
+    """The samples each kind of entry is missing for (each caption once)."""
+    todo = {
+        "latents": [s for s in samples if s["image_hash"] not in stores["latents"][s["bucket"]]],
+        "text": [s for s in samples if s["text_hash"] not in stores["text"]],
+        "image": [s for s in samples if f"{s['image_hash']}.global" not in stores["image"][s["bucket"]]],
+    }
+    todo["text"] = list({s["text_hash"]: s for s in todo["text"]}.values())
+    return todo
+
+
+def _encode(todo: dict, stores: dict, spec: EncoderSpec, batch_size, device, timer: PhaseTimer) -> int:
+    """Encode what `todo` lists into `stores` and save them; returns the captions the text window cut."""
+    with timer.phase("data: loading encoders"):
+        encoders = ConditioningEncoders(spec, device)
+    batch_size = batch_size or (64 if encoders.device.type == "cuda" else 16)
+    truncated = 0
+    with timer.phase("data: encoding"):
+        if todo["text"]:
+            truncated = encoders.count_truncated([s["caption"] for s in todo["text"]])
+        if truncated:
+            logger.warning(
+                "%d captions are longer than the text encoder's %d-token window: cut to it",
+                truncated,
+                spec.max_sequence_length,
+            )
+        for kind, pending in todo.items():
+            for batch in _batches(pending, batch_size, desc=f"encode {kind}"):
+                _encode_batch(kind, batch, encoders, stores)
+        for store in _all(stores):
+            store.save()
+    return truncated
 
 
 def _open_stores(cache_dir: Path, spec: EncoderSpec, buckets) -> dict:
@@ -230,7 +255,7 @@ def _write_manifest(cache_dir: Path, spec: EncoderSpec, samples: list[dict]) -> 
             for s in samples
         ],
     }
-    tmp = cache_dir / (MANIFEST + ".tmp")
+    tmp = cache_dir / f"{MANIFEST}.{os.getpid()}.tmp"  # runs started together may each write it (the same)
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, cache_dir / MANIFEST)
 
