@@ -271,7 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
 class EMAValidator:
     """Validation during training: the EMA weights of a step, in a pipeline built at the first
     validation and kept (the run's encoders, on the device, compiled with --compile), measured by
-    `validate` and written by `recorder`. The main process validates; the others wait."""
+    `validate` and written by `recorder`. Every process validates its share (`validate`'s
+    `processes`); the main one writes it."""
 
     def __init__(self, config: TrainConfig, buckets, ema: EMAModel, accelerator: Accelerator, recorder):
         self.config, self.buckets, self.ema = config, buckets, ema
@@ -282,29 +283,32 @@ class EMAValidator:
         ]
 
     def __call__(self, step: int, info: dict) -> None:
-        accelerator = self.accelerator
-        if accelerator.is_main_process:
-            devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):  # training's random numbers stay as they were
-                self._validate(step, info)
-        accelerator.wait_for_everyone()
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # training's random numbers stay as they were
+            self._validate(step, info)
+        self.accelerator.wait_for_everyone()
 
     def _validate(self, step: int, info: dict) -> None:
-        config, device, start = self.config, self.accelerator.device, time.perf_counter()
-        self.recorder.wait()  # the last validation's images (usually long written)
+        config, accelerator, start = self.config, self.accelerator, time.perf_counter()
+        if accelerator.is_main_process:
+            self.recorder.wait()  # the last validation's images (usually long written)
         if self.pipe is None:  # the first validation loads the encoders and the metrics' networks
-            self.pipe = ema_pipeline(self.ema, config).to(device)
-            self.metrics = ImageMetrics(device, config.lpips_backbone)
+            self.pipe = ema_pipeline(self.ema, config).to(accelerator.device)
+            self.metrics = ImageMetrics(accelerator.device, config.lpips_backbone)
             compile_for_sampling(self.pipe, config.compile_backend if config.compile else None)
         else:
             self.ema.copy_to(self.pipe.transformer.parameters())
-        sampler = Sampler(self.pipe, config.sampling, config.mixed_precision, PhaseTimer(device))
+        sampler = Sampler(self.pipe, config.sampling, config.mixed_precision, PhaseTimer(accelerator.device))
         setup = time.perf_counter() - start
-        validation = validate(sampler, self.buckets, self.metrics, seed=config.seed, prompts=self.prompts)
+        validation = validate(
+            sampler, self.buckets, self.metrics, seed=config.seed, prompts=self.prompts, processes=accelerator
+        )
+        if not accelerator.is_main_process:
+            return
         info = {"checkpoint": f"EMA weights at step {step}", **info}
         summary = self.recorder.record(validation, step, info, setup_seconds=setup)
         reasons = "; ".join(summary["reasons"][:3])
-        self.accelerator.print(
+        accelerator.print(
             f"validation at step {step}: {summary['verdict']}{' — ' + reasons if reasons else ''} "
             f"(see {Path(config.output_dir) / 'RESULTS.md'})"
         )

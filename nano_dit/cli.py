@@ -122,6 +122,8 @@ def _validate(args: argparse.Namespace) -> None:
         lpips_backbone=args.lpips_backbone,
         overrides={**sampling, **run_level},
     )
+    if summary is None:  # a process of several, other than the main one: it did its share
+        return
     print(f"{summary['verdict']}: {summary['report']}")
     for reason in summary["reasons"]:
         print(f"  {reason}")
@@ -134,15 +136,19 @@ def validate_checkpoint(
     device: str | None = None,
     lpips_backbone: str = "pretrained",
     overrides: dict | None = None,
-) -> dict:
+) -> dict | None:
     """Validate a training checkpoint (its EMA weights) or a pipeline folder made by a run; write
     `<run>/validation/stepNNNNNNN/` and `<run>/RESULTS.md`. Returns the verdict summary.
 
     `overrides`: sampling settings (`SamplingConfig` fields) and `compile` / `mixed_precision`,
-    in place of the run's."""
+    in place of the run's. Under `accelerate launch` with several processes, the validation is
+    split between them (`validation.validate`) and the main one writes it; the others return None.
+    Unset, `device` is the process's own (Accelerate's `PartialState`)."""
     import dataclasses
 
     import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from nano_dit.config import TrainConfig
     from nano_dit.feature_cache import load_cache
@@ -171,16 +177,20 @@ def validate_checkpoint(
     run_level = {k: overrides.pop(k) for k in ("compile", "mixed_precision") if k in overrides}
     config = dataclasses.replace(config, sampling=dataclasses.replace(config.sampling, **overrides), **run_level)
     config.sampling.check()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as `accelerate launch` set it up
+    device = torch.device(device) if device else processes.device
     pipe.to(device)
     compile_for_sampling(pipe, config.compile_backend if config.compile else None)
     _, buckets = load_cache(cache or config.cache)
     run_dir = Path(output_dir) if output_dir else run_dir_of(checkpoint)
     log_path = checkpoint.parent / "training_log.jsonl"
     report = ReportInputs.of_run(config, scheme, log_path, stand_in=info["encoders"]["stand_in"])
-    recorder = ValidationRecorder(run_dir, report)
     sampler = Sampler(pipe, config.sampling, config.mixed_precision, PhaseTimer(device))
-    validation = validate(sampler, buckets, ImageMetrics(device, lpips_backbone), seed=config.seed)
+    metrics = ImageMetrics(device, lpips_backbone)
+    validation = validate(sampler, buckets, metrics, seed=config.seed, processes=processes)
+    if not processes.is_main_process:
+        return None
+    recorder = ValidationRecorder(run_dir, report)
     run = {"checkpoint": str(checkpoint), "cfg_dropout_scheme": scheme, "run_id": info["run_id"]}
     summary = recorder.record(validation, info["step"], run)
     recorder.wait()

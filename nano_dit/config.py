@@ -69,7 +69,9 @@ class SamplingConfig:
         "dual-CFG formula: nested (measured better on the demo) or independent (the validation plan's)",
         choices=GUIDANCE_MODES,
     )
-    batch_size: int = setting(50, "images per pipeline call (times the CFG branches)", flag=False)
+    validation_batch_size: int = setting(
+        50, "images per validation pipeline call (times the CFG branches); N processes share the calls"
+    )
     decode_batch_size: int | None = setting(
         None, "latents per VAE decode; unset: 32 on a GPU, 8 elsewhere (a 512² decode is memory-hungry)", flag=False
     )
@@ -77,7 +79,7 @@ class SamplingConfig:
     num_edits: int = setting(5, "text-manipulation edits", flag=False)
 
     def check(self) -> None:
-        for name in ("num_inference_steps", "batch_size", "decode_batch_size", "num_pairs", "num_edits"):
+        for name in ("num_inference_steps", "validation_batch_size", "decode_batch_size", "num_pairs", "num_edits"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
         for name in ("guidance_scale", "image_guidance_scale"):

@@ -134,8 +134,10 @@ def _load_lpips(backbone: str, device: torch.device):
     if backbone == "pretrained" and not weights.exists() and unreachable(host):
         return None, f"AlexNet weights for LPIPS are not cached ({weights}) and this process is offline"
     try:
-        with warnings.catch_warnings(), network_attempt(host):
+        # "random": the same random network in every process and run (seeded, the caller's numbers kept)
+        with warnings.catch_warnings(), network_attempt(host), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")  # torchvision's deprecation notes about lpips' call
+            torch.manual_seed(0)
             model = lpips.LPIPS(net="alex", pnet_rand=backbone == "random", verbose=False)
     except OSError as err:  # no cached weights and no network: decide without LPIPS, saying so
         reason = f"AlexNet weights for LPIPS are not cached and could not be fetched ({err})"

@@ -193,7 +193,7 @@ def mode_samples(
             guidance_scale=text_scale,
             image_guidance_scale=image_scale,
             guidance_mode="independent",
-            batch_size=len(rows),
+            validation_batch_size=len(rows),
         )
         drawn[mode] = one_branch.generate(bucket, rows, noise)
     figures, went = measure_mode_samples(drawn["text"], drawn["image"], truth, layouts)

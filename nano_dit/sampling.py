@@ -83,7 +83,7 @@ class Sampler:
         rows = list(rows)
         image_rows = rows if image_rows is None else list(image_rows)
         static = compiled_for_sampling(pipe)
-        size = sampling.batch_size
+        size = sampling.validation_batch_size
         out = []
         for s in range(0, len(rows), size):
             r, ir = rows[s : s + size], image_rows[s : s + size]

@@ -30,7 +30,10 @@ itself: null conditions learned and guidance live, the noise level used, each CF
 
 All sampling (`nano_dit.sampling`) starts from cached features (no image or caption is encoded
 again, except the edited captions), batched across images and CFG branches, from seeded noise
-that belongs to each sample, so a figure does not depend on the batch size. The ground truth is
+that belongs to each sample, so a figure does not depend on the batch size. In a run of several
+processes each does a share (the reconstruction's batches, then the other tests), and each
+share is computed as one process alone computes it: the figures are a one-process validation's.
+The ground truth is
 the cached latents decoded by the VAE (the pixels themselves in pixel mode): the figures measure
 the transformer, not the VAE. "Closer to" and the sensitivities are ST-LPIPS distances; the layout
 measures are in pixels.
@@ -39,10 +42,12 @@ measures are in pixels.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from PIL import Image
 
 from . import ground_truth
@@ -99,13 +104,25 @@ class Reference:
 
 @torch.inference_mode()
 def validate(
-    sampler: Sampler, buckets: list[CachedBucket], metrics: ImageMetrics, seed: int = 0, prompts: tuple = ()
+    sampler: Sampler,
+    buckets: list[CachedBucket],
+    metrics: ImageMetrics,
+    seed: int = 0,
+    prompts: tuple = (),
+    processes=None,
 ) -> Validation:
     """The three tests and the model probes with `sampler` on the cached `buckets`, then the user's
     `prompts` (`Prompt`s), each from noise of its own.
 
     `seed` seeds each sample's starting noise (bucket b from `seed + b`). The phases go to
-    `sampler.timer`; those of this call are the validation's `timings`."""
+    `sampler.timer`; those of this call are the validation's `timings`.
+
+    `processes`: the `Accelerator` (or Accelerate `PartialState`) of a run of several processes,
+    every one of which calls this. The reconstruction's batches (of `--validation-batch-size` images,
+    whatever the number of processes), then the swap, the edits, the probes and the prompts, are
+    split between them (`split_between_processes`) and gathered in their fixed order, on every
+    process: each process returns the whole validation, the figures a one-process one gives. With
+    N processes, a batch size of about images / N keeps each of them busy."""
     start, timer = time.perf_counter(), sampler.timer
     before = dict(timer.seconds)
     pipe = sampler.pipe
@@ -126,16 +143,29 @@ def validate(
             "ground_truth": "cached latents decoded by the VAE" if pipe.vae is not None else "the images (pixel mode)",
         }
     )
-    recon, truth, noise_of, per_image = {}, {}, {}, []
-    for b, bucket in enumerate(buckets):
-        noise = torch.randn(
-            (len(bucket), *bucket.latents.shape[1:]), generator=torch.Generator().manual_seed(seed + b)
-        )
-        noise_of[b] = noise
-        truth[b] = sampler.decode(bucket.latents)
-        recon[b] = sampler.generate(bucket, range(len(bucket)), noise)
+    noise_of = {
+        b: torch.randn((len(bucket), *bucket.latents.shape[1:]), generator=torch.Generator().manual_seed(seed + b))
+        for b, bucket in enumerate(buckets)
+    }
+    size = sampler.sampling.validation_batch_size
+    batches = [
+        (b, list(range(s, min(s + size, len(bucket)))))
+        for b, bucket in enumerate(buckets)
+        for s in range(0, len(bucket), size)
+    ]
+
+    def reconstruct(batch: tuple[int, list[int]]) -> tuple:
+        b, rows = batch
+        truth, recon = sampler.decode(buckets[b].latents[rows]), sampler.generate(buckets[b], rows, noise_of[b])
         with timer.phase("metrics"):
-            figures = metrics.compare(recon[b], truth[b])
+            return truth, recon, metrics.compare(recon, truth)
+
+    done = list(zip(batches, shared(processes, reconstruct, batches), strict=True))
+    recon, truth, per_image = {}, {}, []
+    for b, bucket in enumerate(buckets):
+        parts = [part for (of, _), part in done if of == b]
+        truth[b], recon[b] = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        figures = {k: None if parts[0][2][k] is None else [v for p in parts for v in p[2][k]] for k in parts[0][2]}
         for i, key in enumerate(bucket.keys):
             per_image.append({"key": key, **{k: (v[i] if v is not None else None) for k, v in figures.items()}})
             out.images[f"reconstruction/{key}.png"] = recon[b][i]
@@ -144,23 +174,57 @@ def validate(
 
     main = max(range(len(buckets)), key=lambda b: len(buckets[b]))  # swap and edits: the largest bucket
     ref = Reference(buckets[main], noise_of[main], truth[main], recon[main])
-    out.results["dino_swap"] = _dino_swap(sampler, metrics, ref, out)
-    out.results["text_manip"] = _text_manip(sampler, metrics, ref, out)
-    probes = model_probes(sampler, metrics, ref.bucket, ref.noise, ref.recon)
-    modes = mode_probes(sampler, ref.bucket, ref.noise)
-    modes["samples_drawn"], sheet = mode_samples(sampler, ref.bucket, ref.noise, ref.truth)
-    if sheet is not None:
-        out.sheets["modes/sheet.png"] = sheet
-    probes["modes"] = modes
+    tests = {  # each writes its pictures into the part it is given and returns its figures
+        "dino_swap": lambda part: _dino_swap(sampler, metrics, ref, part),
+        "text_manip": lambda part: _text_manip(sampler, metrics, ref, part),
+        "model_probes": lambda part: model_probes(sampler, metrics, ref.bucket, ref.noise, ref.recon),
+        "modes": lambda part: mode_probes(sampler, ref.bucket, ref.noise),
+        "samples_drawn": lambda part: _mode_samples(sampler, ref, part),
+    }
+    if prompts:
+        tests["prompts"] = lambda part: _prompts(sampler, prompts, ref.bucket.bucket, seed, part)
+
+    def run(name: str) -> Validation:
+        part = Validation(results={})
+        part.results[name] = tests[name](part)
+        return part
+
+    found = {}
+    for part in shared(processes, run, list(tests)):
+        found.update(part.results)
+        out.images.update(part.images)
+        out.sheets.update(part.sheets)
+    out.results["dino_swap"], out.results["text_manip"] = found["dino_swap"], found["text_manip"]
+    probes = found["model_probes"]
+    probes["modes"] = {**found["modes"], "samples_drawn": found["samples_drawn"]}
     out.results["model_probes"] = probes
     if prompts:
-        out.results["prompts"] = _prompts(sampler, prompts, ref.bucket.bucket, seed, out)
+        out.results["prompts"] = found["prompts"]
     phases = {name: s - before.get(name, 0.0) for name, s in timer.seconds.items() if s != before.get(name)}
     out.timings = {
         "seconds": round(time.perf_counter() - start, 3),
-        "phases": {name: round(s, 3) for name, s in phases.items()},
+        "processes": getattr(processes, "num_processes", 1),
+        "phases": {name: round(s, 3) for name, s in phases.items()},  # (this process's)
     }
     return out
+
+
+def shared(processes, work: Callable, items: list) -> list:
+    """`work(item)` for each of `items`, the items split between `processes` (an `Accelerator` or
+    `PartialState`; None: this process alone) in contiguous runs, and the results gathered in the
+    items' order on every process."""
+    if processes is None or processes.num_processes == 1:
+        return [work(item) for item in items]
+    with processes.split_between_processes(list(enumerate(items))) as mine:
+        done = [(k, work(item)) for k, item in mine]
+    return [result for _, result in sorted(gather_object(done), key=lambda kr: kr[0])]
+
+
+def _mode_samples(sampler: Sampler, ref: Reference, part: Validation) -> dict | None:
+    figures, sheet = mode_samples(sampler, ref.bucket, ref.noise, ref.truth)
+    if sheet is not None:
+        part.sheets["modes/sheet.png"] = sheet
+    return figures
 
 
 def swap_pairs(bucket: CachedBucket, n: int = 5) -> list[tuple[int, int]]:

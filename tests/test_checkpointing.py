@@ -324,9 +324,16 @@ def _launch_two_processes(args):
 
 @pytest.mark.slow
 def test_two_processes_train_with_ddp_and_only_the_main_one_writes(tmp_path, stand_in_dir):
-    # A checkpoint every step: each one first checks that both ranks hold the same weights.
-    args = _args(tmp_path, stand_in_dir, "run", "--total-steps", "4", "--checkpoint-every", "1")
+    # A checkpoint every step: each one first checks that both ranks hold the same weights. A
+    # validation at the end, shared by the two processes (8 images in batches of 4), written once.
+    validation = ["--validation", "--num-inference-steps", "2", "--lpips-backbone", "random"]
+    validation += ["--validation-batch-size", "4"]
+    args = _args(tmp_path, stand_in_dir, "run", "--total-steps", "4", "--checkpoint-every", "1", *validation)
     result = _launch_two_processes(args)
+    assert result.stdout.count("validation at step 4:") == 1
+    results = json.loads((tmp_path / "run" / "validation" / "step0000004" / "results.json").read_text())
+    assert results["timings"]["processes"] == 2 and len(results["reconstruction"]["per_image"]) == 8
+    assert len(list((tmp_path / "run" / "validation" / "step0000004" / "reconstruction").glob("*.png"))) == 8 + 1
     ckpts = tmp_path / "run" / "checkpoints"
     assert len(list_checkpoints(ckpts)) == 4
     last = ckpts / "checkpoint_step0000004"

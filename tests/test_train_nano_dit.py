@@ -342,7 +342,9 @@ def test_the_trackers_get_flat_scalar_settings():
     tracked = train_nano_dit.tracker_config(config)
     assert all(v is None or isinstance(v, (int, float, str, bool)) for v in tracked.values())  # TensorBoard's hparams
     assert tracked["sampling_guidance_scale"] == 2.5 and tracked["batch_size"] == config.batch_size
-    assert tracked["sampling_batch_size"] == config.sampling.batch_size and "model" not in tracked
+    assert (
+        tracked["sampling_validation_batch_size"] == config.sampling.validation_batch_size and "model" not in tracked
+    )
 
 
 def test_the_default_lr_schedule_is_the_plans_cosine_to_a_floor_and_the_others_are_diffusers():

@@ -482,7 +482,7 @@ def test_validation_covers_every_bucket_of_a_multi_aspect_set(tmp_path, tiny_con
         return b
 
     buckets = [bucket(4, 16, 16, 0), bucket(6, 24, 16, 4)]
-    sampling = SamplingConfig(num_inference_steps=2, batch_size=3)
+    sampling = SamplingConfig(num_inference_steps=2, validation_batch_size=3)
     results = validate(Sampler(pipe, sampling), buckets, ImageMetrics(backbone="none")).results
     assert [p["key"] for p in results["reconstruction"]["per_image"]] == [f"k{i}" for i in range(10)]
     assert len(results["dino_swap"]["pairs"]) == 3  # from the largest bucket
@@ -561,7 +561,7 @@ def test_compiled_validation_sampling_matches_the_plain_one(tiny_config):
     noise = torch.randn(4, 3, 16, 16, generator=g)
     names = list(pipe.transformer.state_dict())
 
-    sampler = Sampler(pipe, SamplingConfig(num_inference_steps=3, batch_size=4))
+    sampler = Sampler(pipe, SamplingConfig(num_inference_steps=3, validation_batch_size=4))
     plain = sampler.generate(bucket, range(4), noise)
     swap = sampler.generate(bucket, [0, 1, 2], noise, image_rows=[1, 2, 3])
     graphs = []
@@ -654,3 +654,53 @@ def test_the_fault_table_stacks_the_runs_mode_sheets(tmp_path):
     figure = Image.open(mode_figure(tmp_path, ["good", "text-only-never-trained", "missing-run"]))
     assert figure.size == (40, 16 + 30 + 16 + 20)  # each sheet under a 16-pixel label
     assert figure.getpixel((20, 16 + 15)) == (255, 0, 0) and figure.getpixel((20, 16 + 30 + 16 + 10)) == (0, 0, 255)
+
+
+@pytest.mark.slow
+def test_two_processes_validate_to_the_figures_and_pictures_of_one(tmp_path, stand_in_dir):
+    """`nano-dit validate` under `accelerate launch` with 2 CPU processes (DDP's gloo, as the
+    training tests launch it): each process samples its share, and the results and every picture
+    are those of the one-process validation, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from nano_dit.cli import main
+
+    # 12 images in 3 batches of 4: 2 for process 0, 1 for process 1
+    _run(tmp_path, stand_in_dir, "--no-validation", "--total-steps", "10", "--validation-batch-size", "4")
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint_step0000010"
+    validate = ["validate", "--checkpoint", str(checkpoint), "--lpips-backbone", "random"]
+    # One process, with one thread as each of the two has (`accelerate launch` sets OMP_NUM_THREADS=1):
+    # on a CPU the last bits of a convolution (LPIPS's) depend on how many threads share it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main([*validate, "--output-dir", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nano_dit.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    two = subprocess.run(
+        [*launch, *validate, "--output-dir", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    verdicts = [line for line in two.stdout.splitlines() if line.endswith("/two/RESULTS.md")]
+    assert len(verdicts) == 1  # the main process reports; the other did its share
+
+    folders = [tmp_path / name / "validation" / "step0000010" for name in ("one", "two")]
+    results = [json.loads((f / "results.json").read_text()) for f in folders]
+    timings = [r.pop("timings") for r in results]
+    assert [t["processes"] for t in timings] == [1, 2]
+    assert results[0] == results[1]
+    assert len(results[0]["reconstruction"]["per_image"]) == 12
+    pictures = sorted(p.relative_to(folders[0]) for p in folders[0].rglob("*.png"))
+    assert len(pictures) >= 12 + 5 + 4
+    assert pictures == sorted(p.relative_to(folders[1]) for p in folders[1].rglob("*.png"))
+    for picture in pictures:
+        assert (folders[0] / picture).read_bytes() == (folders[1] / picture).read_bytes(), picture
