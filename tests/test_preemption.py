@@ -39,9 +39,13 @@ def _logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _start_and_signal(command, run_dir: Path, pick=lambda proc: proc, env=None) -> subprocess.CompletedProcess:
-    """Start `command`, and once its log holds 5 steps send SIGTERM to `pick(process)`; what it
-    printed and its exit code."""
+def _sigterm(process: psutil.Process) -> None:
+    process.send_signal(signal.SIGTERM)
+
+
+def _start_and_signal(command, run_dir: Path, send=_sigterm, env=None) -> subprocess.CompletedProcess:
+    """Start `command`, and once its log holds 5 steps `send(process)` its signal; what it printed
+    and its exit code."""
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
     )
@@ -49,7 +53,7 @@ def _start_and_signal(command, run_dir: Path, pick=lambda proc: proc, env=None) 
     while len(_logged_steps(run_dir)) < 5 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it was signalled: " + proc.stderr.read()[-3000:]
-    pick(psutil.Process(proc.pid)).send_signal(signal.SIGTERM)
+    send(psutil.Process(proc.pid))
     out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
@@ -98,12 +102,10 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_one_step_and_they_res
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]
     env = {"HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
 
-    def rank_1(launcher: psutil.Process) -> psutil.Process:
-        while True:  # the workers are the launcher's children; each knows its rank from its environment
-            ranks = {p.environ().get("RANK"): p for p in launcher.children(recursive=True)}
-            if "1" in ranks:
-                return ranks["1"]
-            time.sleep(0.05)
+    def to_rank_1(launcher: psutil.Process) -> None:
+        # the workers are the launcher's children; each knows its rank from its environment
+        ranks = {p.environ().get("RANK"): p for p in launcher.children(recursive=True)}
+        ranks["1"].send_signal(signal.SIGTERM)
 
     def run(out, *extra):
         command = [*launch, *_args(tmp_path, stand_in_dir, out), *extra]
@@ -112,7 +114,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_one_step_and_they_res
 
     run("straight")
     stopped = tmp_path / "stopped"
-    result = _start_and_signal([*launch, *_args(tmp_path, stand_in_dir, "stopped")], stopped, rank_1, env)
+    result = _start_and_signal([*launch, *_args(tmp_path, stand_in_dir, "stopped")], stopped, to_rank_1, env)
     # The workers exit with 75; torchrun, under `accelerate launch`, reports that as its own failure
     # (exit 1): stopped.json is what a wrapper reads there.
     assert result.returncode != 0
@@ -185,3 +187,37 @@ def test_stop_signals_note_the_signal_say_so_and_put_the_handlers_back(capfd):
     err = capfd.readouterr().err
     assert "SIGUSR1 received: finishing this step, then writing a checkpoint" in err
     assert "SIGTERM received again: the checkpoint in progress will complete" in err
+
+
+@pytest.mark.slow
+def test_the_slurm_script_checkpoints_on_its_warning_requeues_and_its_next_run_finishes(tmp_path, stand_in_dir):
+    """scripts/slurm_train.sbatch as Slurm runs it, on 2 CPU processes: SIGUSR1 to the batch script
+    (what `--signal=B:USR1@300` sends) mid-run; then the requeued job, run again, finishes."""
+    bin_dir = tmp_path / "bin"  # a stand-in `scontrol` that writes down what it was asked
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_GPUS_ON_NODE": "2",
+        "SLURM_SUBMIT_DIR": str(SCRIPT.parent),
+        "ACCELERATE_USE_CPU": "1",  # DDP on CPU (gloo), as the other multi-process tests launch it
+        "HF_HUB_OFFLINE": "1",
+    }
+    job = ["bash", str(SCRIPT.parent / "scripts" / "slurm_train.sbatch"), *_args(tmp_path, stand_in_dir, "run")]
+    run = tmp_path / "run"
+
+    first = _start_and_signal(job, run, lambda script: script.send_signal(signal.SIGUSR1), env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert "requeueing job 4242" in first.stdout
+    record = json.loads((run / STOP_RECORD).read_text())
+    step = record["step"]
+    assert record["signal"] == "SIGUSR1" and 5 <= step < 60 and _logged_steps(run) == list(range(1, step + 1))
+
+    second = subprocess.run(job, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'checkpoint_step{step:07d}'}" in second.stdout
+    assert _logged_steps(run) == list(range(1, 61)) and (run / "checkpoints" / "checkpoint_final").is_dir()
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # not requeued again: done
