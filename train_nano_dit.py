@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         ema.to(device)
     params = list(model.parameters())  # walked once, not at every clip and EMA update
     objective = config.objective()
+    tokens = bool(config.model.get("use_image_tokens"))  # the DINOv3 patch tokens too, in the cross-attention
     cfg_dropout = config.cfg_dropout(rank=accelerator.process_index)
     checkpoint_ema_with_the_state(accelerator, ema)  # the same on every process: the main one saves it
     stand_in = manifest["encoders"]["stand_in"]
@@ -188,7 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
                     drop_text, drop_image = (to_device(m, device) for m in cfg_dropout.sample(config.batch_size))
                     with accelerator.accumulate(model), accelerator.autocast():
                         out = objective.loss(
-                            model, batch["latents"], drop_text=drop_text, drop_image=drop_image, **conditioning(batch)
+                            model,
+                            batch["latents"],
+                            drop_text=drop_text,
+                            drop_image=drop_image,
+                            **conditioning(batch, tokens),
                         )
                         accelerator.backward(out.loss)  # Accelerate divides by the accumulation steps
                     losses.append(out.loss.detach())

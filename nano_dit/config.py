@@ -203,6 +203,46 @@ _ENCODERS = EncoderSpec()
 _OBJECTIVE = FlowMatching()
 
 
+@dataclass
+class ModelDesign:
+    """The model-config keys a design comparison varies, as flags and `--config` YAML keys; unset,
+    the preset's (and where the preset is silent, NanoDiTTransformer2DModel's own). They land in
+    `TrainConfig.model`, with the widths the data dictates."""
+
+    num_layers: int | None = setting(None, "transformer blocks")
+    hidden_size: int | None = setting(None, "model width")
+    num_attention_heads: int | None = setting(None, "attention heads (they divide the width)")
+    patch_size: int | None = setting(None, "patch side, in latent pixels")
+    mlp_ratio: float | None = setting(None, "MLP width over the model width")
+    use_image_tokens: bool | None = setting(
+        None, "DINOv3 patch tokens in the cross-attention beside the text, as well as the global embedding in adaLN"
+    )
+
+
+def design_of(model: dict) -> dict:
+    """The `ModelDesign` keys of a model config, each as it takes effect (the model's defaults
+    filled in)."""
+    import inspect
+
+    from .transformer_nano_dit import NanoDiTTransformer2DModel
+
+    defaults = inspect.signature(NanoDiTTransformer2DModel.__init__).parameters
+    return {f.name: model.get(f.name, defaults[f.name].default) for f in dataclasses.fields(ModelDesign)}
+
+
+def check_design(model: dict) -> None:
+    """Refuse a model config no model can be built with, naming the flag."""
+    design = design_of(model)
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "patch_size", "mlp_ratio"):
+        if not design[name] > 0:
+            raise ValueError(f"{_flag(name)} must be > 0, got {design[name]}")
+    if design["hidden_size"] % design["num_attention_heads"]:
+        raise ValueError(
+            f"--num-attention-heads must divide --hidden-size, got {design['num_attention_heads']} heads "
+            f"for width {design['hidden_size']}"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
@@ -483,10 +523,11 @@ def aliases(cls=TrainConfig) -> dict[str, str]:
 
 
 def add_flags(
-    parser: argparse.ArgumentParser, fields: list[dataclasses.Field], default_note: str, presets: bool = False
+    parser: argparse.ArgumentParser, fields: list[dataclasses.Field], default_note, presets: bool = False
 ) -> None:
     """One flag per field, its type, choices and help read from the field. `default_note` says where
-    an unset flag's value comes from (`{default}`: the field's default); `presets`: also each
+    an unset flag's value comes from (`{default}`: the field's default; or a function of the
+    field that says it); `presets`: also each
     preset's own value, where it sets one. Unset flags parse as None."""
     sampling, sampling_flags = _run_sampling(), {x.name for x in flag_fields(SamplingConfig)}
     for f in fields:
@@ -494,7 +535,7 @@ def add_flags(
         default = f.default if f.default is not dataclasses.MISSING else None
         if presets and f.name in sampling_flags:  # the run's sampling default, not the pipeline's
             default = getattr(sampling, f.name)
-        note = default_note.format(default=default)
+        note = default_note(f) if callable(default_note) else default_note.format(default=default)
         if presets:
             note += "".join(
                 f"; --preset {name}: {preset['train'][f.name]}"
@@ -515,10 +556,17 @@ def add_flags(
         )
 
 
+def _preset_design(f: dataclasses.Field) -> str:
+    """Where an unset `ModelDesign` flag's value comes from: each preset's value."""
+    values = [f"--preset {name}: {design_of(preset['model'])[f.name]}" for name, preset in PRESETS.items()]
+    return "default: the preset's; " + ", ".join(values)
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Command line -> TrainConfig: preset defaults first, then a --config file, explicit flags on top."""
     parser = argparse.ArgumentParser(description="Train Nano DiT with rectified flow (run with `accelerate launch`).")
     add_flags(parser, flag_fields(), "default: {default}", presets=True)
+    add_flags(parser, flag_fields(ModelDesign), _preset_design)
     parser.add_argument("--config", default=None, help="YAML file of these settings (flag names); flags win")
     args = parser.parse_args(argv)
     from_file = _read_config_file(args.config, parser) if args.config else {}
@@ -527,8 +575,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     values = {**PRESETS[preset]["train"], **from_file, **flags}
     sampling_names = {f.name for f in flag_fields(SamplingConfig)}
     sampling = replace(_run_sampling(), **{k: values.pop(k) for k in sampling_names if k in values})
-    config = TrainConfig(**values, sampling=sampling, model=dict(PRESETS[preset]["model"]))
+    design = {f.name: values.pop(f.name) for f in flag_fields(ModelDesign) if f.name in values}
+    model = {**PRESETS[preset]["model"], **{k: v for k, v in design.items() if v is not None}}
+    config = TrainConfig(**values, sampling=sampling, model=model)
     try:
+        check_design(config.model)
         config.check()
     except ValueError as err:
         parser.error(str(err))  # usage + the message naming the flag, exit status 2, before any work
@@ -550,7 +601,7 @@ def _read_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
     for key, value in data.items():
         name = str(key).replace("-", "_")
         values[names.get(name, name)] = value
-    unknown = sorted(set(values) - {f.name for f in flag_fields()})
+    unknown = sorted(set(values) - {f.name for f in flag_fields() + flag_fields(ModelDesign)})
     if unknown:
         parser.error(f"--config {path}: unknown settings {unknown}")
     if values.get("preset", TrainConfig.preset) not in PRESETS:

@@ -74,9 +74,11 @@ def model_config_for(config: TrainConfig, buckets: list[CachedBucket]) -> dict:
     }
 
 
-def conditioning(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """A cached batch's conditioning, as the model's keyword arguments (`transformer_inputs`)."""
-    return transformer_inputs(batch["prompt_embeds"], batch["prompt_attention_mask"], batch["image_embeds"])
+def conditioning(batch: dict[str, torch.Tensor], image_tokens: bool = False) -> dict[str, torch.Tensor | None]:
+    """A cached batch's conditioning, as the model's keyword arguments (`transformer_inputs`);
+    `image_tokens`: with the DINOv3 patch tokens, for a model built with `use_image_tokens`."""
+    tokens = batch["image_tokens"] if image_tokens else None
+    return transformer_inputs(batch["prompt_embeds"], batch["prompt_attention_mask"], batch["image_embeds"], tokens)
 
 
 class CachedBatches:

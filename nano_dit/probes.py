@@ -46,7 +46,7 @@ def model_probes(
     model, device = sampler.pipe.transformer, sampler.pipe.device
     rows = list(range(min(PROBE_SAMPLES, len(bucket))))
     x0, eps = bucket.latents[rows].float().to(device), noise[rows].float().to(device)
-    cond = _conditioning(bucket, rows, device)
+    cond = _conditioning(bucket, rows, device, model)
     dropped = torch.ones(len(rows), dtype=torch.bool, device=device)
 
     def velocity(x_t, sigma, **extra):
@@ -146,7 +146,7 @@ def mode_probes(sampler: Sampler, bucket: CachedBucket, noise: torch.Tensor) -> 
         "image": same_image,
         "none": torch.ones_like(same_text),
     }
-    cond = _conditioning(bucket, rows, device)
+    cond = _conditioning(bucket, rows, device, model)
     sigmas = mode_sigmas(x0, eps, x0_all)
     error = dict.fromkeys(allowed, 0.0)  # squared distance of each mode's prediction to its ideal, pooled
     # what a model that never learned the mode predicts: for a conditioned mode the ideal knowing
@@ -249,10 +249,13 @@ def measure_mode_samples(
     return figures, went
 
 
-def _conditioning(bucket: CachedBucket, rows: list[int], device) -> dict:
-    """Rows `rows` of the cached conditioning, under the transformer's names, on `device`."""
+def _conditioning(bucket: CachedBucket, rows: list[int], device, model) -> dict:
+    """Rows `rows` of the cached conditioning, under the transformer's names, on `device`; the
+    DINOv3 patch tokens too when `model` uses them."""
+    tokens = getattr(getattr(model, "config", None), "use_image_tokens", False)
     return transformer_inputs(
         bucket.prompt_embeds[rows].to(device),
         bucket.prompt_attention_mask[rows].to(device),
         bucket.image_embeds[rows].to(device),
+        bucket.image_tokens[rows].to(device) if tokens else None,
     )

@@ -101,6 +101,7 @@ class Sampler:
                     prompt_embeds=embeds,
                     prompt_attention_mask=mask,
                     image_embeds=bucket.image_embeds[ir],
+                    image_tokens=bucket.image_tokens[ir],  # (used by a model built with use_image_tokens)
                     latents=noise[r],
                     height=noise.shape[-2] * pipe.vae_scale_factor,  # the bucket's size, not the default
                     width=noise.shape[-1] * pipe.vae_scale_factor,

@@ -348,6 +348,11 @@ class NanoDiTPipeline(DiffusionPipeline, SanaLoraLoaderMixin):
             image_embeds, image_tokens = self.encode_image(image, device)
         if not getattr(self.transformer.config, "use_image_tokens", False):
             image_tokens = None
+        elif image_embeds is not None and image_tokens is None:  # else the model sees the null tokens
+            raise ValueError(
+                "this transformer was built with use_image_tokens=True: pass image_tokens (the DINOv3 patch "
+                "tokens; `encode_image` returns them with the embedding) with image_embeds, or pass image="
+            )
         if prompt_embeds is None:
             guidance_scale = 0.0
         if image_embeds is None:

@@ -9,7 +9,7 @@ import torch
 from conftest import load_train_script
 
 from nano_dit import NanoDiTPipeline
-from nano_dit.config import parse_config
+from nano_dit.config import PRESETS, parse_config
 
 train_nano_dit = load_train_script()
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +61,11 @@ def test_demo_training_learns_and_saves_a_loadable_pipeline(tmp_path, stand_in_d
         (["--guidance-scale", "nan"], r"--guidance-scale must be a finite number >= 0, got nan"),
         (["--image-guidance-scale", "inf"], r"--image-guidance-scale must be a finite number >= 0, got inf"),
         (["--mixed-precision", "fp8x"], r"argument --mixed-precision/--mixed_precision: invalid choice: 'fp8x'"),
+        (
+            ["--num-attention-heads", "5"],
+            r"--num-attention-heads must divide --hidden-size, got 5 heads for width 128",
+        ),
+        (["--num-layers", "0"], r"--num-layers must be > 0, got 0"),
     ],
 )
 def test_bad_flags_are_refused_naming_the_flag(argv, message, capsys):
@@ -74,6 +79,69 @@ def test_flags_override_the_preset():
     config = parse_config(["--preset", "nano", "--batch-size", "4"])
     assert config.batch_size == 4 and config.total_steps == 5000
     assert config.model["num_layers"] == 12
+
+
+def test_every_model_key_a_design_varies_is_a_flag_and_a_yaml_key(tmp_path):
+    flags = ["--num-layers", "6", "--hidden-size", "96", "--num-attention-heads", "3", "--patch-size", "2"]
+    config = parse_config([*flags, "--mlp-ratio", "2.5", "--use-image-tokens"])
+    assert config.model == {
+        "num_layers": 6,
+        "hidden_size": 96,
+        "num_attention_heads": 3,
+        "patch_size": 2,
+        "mlp_ratio": 2.5,
+        "use_image_tokens": True,
+    }
+    (tmp_path / "design.yaml").write_text("preset: nano\nnum_layers: 8\nuse-image-tokens: true\n")
+    config = parse_config(["--config", str(tmp_path / "design.yaml"), "--hidden-size", "192"])
+    assert config.model == {
+        "num_layers": 8,  # the file's
+        "hidden_size": 192,  # the flag's
+        "num_attention_heads": 6,  # the preset's
+        "patch_size": 2,
+        "use_image_tokens": True,
+    }
+    assert parse_config([]).model == PRESETS["demo"]["model"]  # unset: the preset's, nothing added
+
+
+def test_a_model_with_image_tokens_trains_validates_and_samples_with_them(tmp_path, stand_in_dir, monkeypatch):
+    """`--use-image-tokens`: every training step gets the cached DINOv3 patch tokens, validation
+    samples with them (the pipeline refuses an embedding without its tokens), and the exported
+    pipeline's output moves with them."""
+    from nano_dit.data import CachedBatches, conditioning
+    from nano_dit.feature_cache import load_cache
+
+    steps = []
+    monkeypatch.setattr(train_nano_dit, "conditioning", lambda *a: steps.append(conditioning(*a)) or steps[-1])
+    args = _demo_args(tmp_path, stand_in_dir, "--total-steps", "30", "--use-image-tokens")
+    result = train_nano_dit.main([*args, "--num-inference-steps", "2", "--validation-batch-size", "4"])
+    assert len(steps) == 30 and all(step["image_tokens"] is not None for step in steps)
+    assert result["reconstruction"]["per_image"]
+    pipe = NanoDiTPipeline.from_pretrained(tmp_path / "run" / "checkpoints" / "checkpoint_final")
+    model = pipe.transformer
+    assert model.config.use_image_tokens
+
+    _, buckets = load_cache(tmp_path / "cache")
+    batch = next(CachedBatches(buckets, 4, "cpu", seed=0))
+    x, t = torch.randn_like(batch["latents"]), torch.full((4,), 500.0)
+    with torch.no_grad():
+        with_tokens = model(x, t, **conditioning(batch, image_tokens=True)).sample
+        other = {**batch, "image_tokens": batch["image_tokens"].roll(1, dims=0)}  # each row another's tokens
+        with_others = model(x, t, **conditioning(other, image_tokens=True)).sample
+    assert not torch.allclose(with_tokens, with_others)  # the tokens reach the output
+    assert "image_tokens" not in {k for k, v in conditioning(batch).items() if v is not None}
+
+    def sample(tokens):
+        generator = torch.Generator().manual_seed(0)
+        embeds, mask = batch["prompt_embeds"][:1], batch["prompt_attention_mask"][:1]
+        return pipe(
+            prompt_embeds=embeds, prompt_attention_mask=mask, image_embeds=batch["image_embeds"][:1],
+            image_tokens=tokens, num_inference_steps=2, generator=generator, output_type="pt",
+        ).images  # fmt: skip
+
+    assert not torch.equal(sample(batch["image_tokens"][:1]), sample(batch["image_tokens"][1:2]))
+    with pytest.raises(ValueError, match="built with use_image_tokens=True: pass image_tokens"):
+        sample(None)  # the embedding alone would meet the null tokens: refused
 
 
 def test_a_batch_larger_than_the_data_is_refused(tmp_path, stand_in_dir):
