@@ -16,7 +16,7 @@ import torch
 from .config import TrainConfig
 from .encoders import STAND_IN_MARKER, make_stand_in_encoders
 from .feature_cache import CachedBucket, EncodeReport, encode_dataset
-from .locks import BuildLock
+from .locks import build_once
 from .pipelines.pipeline_nano_dit import transformer_inputs
 from .shards import write_shards
 from .synthetic import synthetic_samples
@@ -30,36 +30,33 @@ def prepare_data(config: TrainConfig, timer: PhaseTimer | None = None) -> Encode
 
     Writes the synthetic set and the stand-in encoders first when the config asks for them and
     they are missing. Encoders are loaded only if something is not cached yet. Each part is timed
-    as a "data: ..." phase of `timer`. Each part is built under a `BuildLock`: of runs started
+    as a "data: ..." phase of `timer`. Each part is built under a lock (`build_once`): of runs started
     together on the same folders, one builds it and the others read what it wrote (the report's
     `notes` say so).
     """
     timer = timer or PhaseTimer()
     shards, notes = Path(config.shards), []
-    if config.synth_if_missing and not _has_shards(shards):
-        with BuildLock(shards, "the synthetic set") as lock:  # runs started together: one draws it
-            if not _has_shards(shards):
-                with timer.phase("data: synthetic set"):
-                    samples = synthetic_samples(config.num_images, config.resolution, config.seed)
-                    write_shards(samples, shards, samples_per_shard=max(1, config.num_images // 5), overwrite=True)
-                logger.info("wrote %d synthetic images to %s", config.num_images, shards)
-            elif lock.waited_for is not None:
-                notes.append(lock.note)
-    stand_ins = Path(config.stand_in_encoders) if config.stand_in_encoders else None
-    if stand_ins is not None and not (stand_ins / STAND_IN_MARKER).exists():
-        with BuildLock(stand_ins, "the stand-in encoders") as lock:
-            if not (stand_ins / STAND_IN_MARKER).exists():
-                with timer.phase("data: stand-in encoders"):
-                    make_stand_in_encoders(stand_ins, seed=config.seed)
-            elif lock.waited_for is not None:
-                notes.append(lock.note)
+
+    def synthetic_set():
+        with timer.phase("data: synthetic set"):
+            samples = synthetic_samples(config.num_images, config.resolution, config.seed)
+            write_shards(samples, shards, samples_per_shard=max(1, config.num_images // 5), overwrite=True)
+        logger.info("wrote %d synthetic images to %s", config.num_images, shards)
+
+    def stand_in_encoders():
+        with timer.phase("data: stand-in encoders"):
+            make_stand_in_encoders(config.stand_in_encoders, seed=config.seed)
+
+    if config.synth_if_missing:  # runs started together: one draws it, the others read it
+        notes.append(
+            build_once(shards, "the synthetic set", lambda: any(shards.glob("bucket_*/shard-*.tar")), synthetic_set)
+        )
+    if config.stand_in_encoders:
+        marker = Path(config.stand_in_encoders) / STAND_IN_MARKER
+        notes.append(build_once(marker.parent, "the stand-in encoders", marker.exists, stand_in_encoders))
     report = encode_dataset(shards, config.cache, config.encoder_spec(), timer=timer)
-    report.notes[:0] = notes
+    report.notes[:0] = [note for note in notes if note]
     return report
-
-
-def _has_shards(folder: Path) -> bool:
-    return any(folder.glob("bucket_*/shard-*.tar"))
 
 
 def model_config_for(config: TrainConfig, buckets: list[CachedBucket]) -> dict:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .encoders import ConditioningEncoders, EncoderSpec, describe
+from .folders import write_aside
 from .locks import BuildLock
 from .shards import ShardReader, bucket_name
 from .timings import PhaseTimer
@@ -140,9 +141,7 @@ def encode_dataset(
                 truncated = _encode(todo, stores, spec, batch_size, device, timer)
             elif lock.waited_for is not None:
                 notes.append(lock.note)
-            _write_manifest(cache_dir, spec, samples)
-    else:
-        _write_manifest(cache_dir, spec, samples)
+    _write_manifest(cache_dir, spec, samples)
     reused = {kind: len(samples) - len(pending) for kind, pending in todo.items()}
     reused["text"] = len({s["text_hash"] for s in samples}) - len(todo["text"])
     return EncodeReport(
@@ -255,9 +254,7 @@ def _write_manifest(cache_dir: Path, spec: EncoderSpec, samples: list[dict]) -> 
             for s in samples
         ],
     }
-    tmp = cache_dir / f"{MANIFEST}.{os.getpid()}.tmp"  # runs started together may each write it (the same)
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, cache_dir / MANIFEST)
+    write_aside(cache_dir / MANIFEST, json.dumps(manifest, indent=1))  # (runs started together each write it)
 
 
 # --------------------------------------------------------------------------------------------

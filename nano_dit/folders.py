@@ -1,7 +1,8 @@
-"""Replacing a folder the user already has, without a moment where nothing whole exists."""
+"""Replacing a folder (or a file) the user already has, without a moment where nothing whole exists."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,15 @@ def swap_in(new: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     new.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_aside(path: Path, text: str) -> None:
+    """`text` into `path`, written beside it first and renamed over it: a crash leaves the previous
+    file whole. The temporary name is this process's, so processes writing one file at once (runs
+    started together) do not mix their bytes."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def save_aside(save: Callable[[Path], object], target: Path) -> None:

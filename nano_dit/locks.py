@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +52,19 @@ class Holder:
     @classmethod
     def me(cls) -> Holder:
         return cls(socket.gethostname(), os.getpid(), uuid.uuid4().hex, time.time())
+
+
+def build_once(target: str | os.PathLike, what: str, built: Callable[[], bool], build: Callable[[], object]) -> str:
+    """`build()` unless `built()`, under `target`'s `BuildLock`, `built()` asked again once the lock
+    is held (another run may have built it meanwhile). Returns the lock's `note` when another run
+    built it while this one waited, else ""."""
+    if built():
+        return ""
+    with BuildLock(target, what) as lock:
+        if built():
+            return lock.note
+        build()
+        return ""
 
 
 class BuildLock:
@@ -87,8 +101,8 @@ class BuildLock:
     def __enter__(self) -> BuildLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         start, seen = time.monotonic(), {}  # what each lock file looked like, and since when (our clock)
+        me = Holder.me()
         while True:
-            me = Holder.me()
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .folders import write_aside
+
 # EX_TEMPFAIL of sysexits.h, "a temporary failure; the user is invited to retry": the run stopped
 # on a signal after writing its checkpoint. A requeue wrapper tests for it (or for stopped.json,
 # which survives launchers that replace a worker's exit code with their own).
@@ -42,7 +44,7 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1, while installed (`install` to `restore`, or `with`), become a stop request.
+    """SIGTERM and SIGUSR1, while installed (`install` to `restore`), become a stop request.
 
     The handler only notes the signal and says so in one line on stderr: it never raises, so no
     step and no save is cut off midway. A second signal is noted and changes nothing; the
@@ -59,7 +61,6 @@ class StopSignals:
         self._previous: dict[int, object] = {}
         self._group = dist.new_group(backend="gloo") if processes > 1 else None
         self._flag, self._work = None, None
-        self.stopping: int | None = None  # the signal every process stops on, once agreed
 
     def install(self) -> StopSignals:
         for sig in self.signals:
@@ -74,12 +75,6 @@ class StopSignals:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
-
-    def __enter__(self) -> StopSignals:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
     def _handle(self, signum, frame) -> None:
         who = f"process {self.process_index}: " if self._group is not None else ""
@@ -96,14 +91,15 @@ class StopSignals:
         signal has arrived. Several: a signal had reached any of them by the previous step's call
         (the largest signal number, where two differ), the same answer on each."""
         if self._group is None:
-            self.stopping = self.received
+            agreed = self.received
         else:
+            agreed = None
             if self._work is not None:
                 self._work.wait()
-                self.stopping = int(self._flag.item()) or None
+                agreed = int(self._flag.item()) or None
             self._flag = torch.tensor([self.received or 0], dtype=torch.int32)
             self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
-        return None if self.stopping is None else signal.Signals(self.stopping).name
+        return None if agreed is None else signal.Signals(agreed).name
 
 
 def write_stop_record(output_dir: str | os.PathLike, signal_name: str, step: int, checkpoint: Path) -> None:
@@ -117,10 +113,7 @@ def write_stop_record(output_dir: str | os.PathLike, signal_name: str, step: int
         "time": time.time(),
         "resume": "--resume latest",
     }
-    path = Path(output_dir) / STOP_RECORD
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    write_aside(Path(output_dir) / STOP_RECORD, json.dumps(record, indent=2))
 
 
 def clear_stop_record(output_dir: str | os.PathLike) -> None:

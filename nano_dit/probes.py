@@ -22,11 +22,12 @@ from __future__ import annotations
 import torch
 
 from . import ground_truth
+from .data import conditioning
 from .feature_cache import CachedBucket
 from .flow_matching import TIMESTEP_SCALE, add_noise
 from .metrics import ImageMetrics
 from .pipelines import guidance_weights
-from .pipelines.pipeline_nano_dit import BRANCHES, transformer_inputs
+from .pipelines.pipeline_nano_dit import BRANCHES
 from .sampling import Sampler
 from .sheets import Sheet
 from .synthetic import Layout
@@ -250,12 +251,8 @@ def measure_mode_samples(
 
 
 def _conditioning(bucket: CachedBucket, rows: list[int], device, model) -> dict:
-    """Rows `rows` of the cached conditioning, under the transformer's names, on `device`; the
-    DINOv3 patch tokens too when `model` uses them."""
+    """Rows `rows` of the cached conditioning as training passes it (`data.conditioning`), on
+    `device`; the DINOv3 patch tokens too when `model` uses them."""
     tokens = getattr(getattr(model, "config", None), "use_image_tokens", False)
-    return transformer_inputs(
-        bucket.prompt_embeds[rows].to(device),
-        bucket.prompt_attention_mask[rows].to(device),
-        bucket.image_embeds[rows].to(device),
-        bucket.image_tokens[rows].to(device) if tokens else None,
-    )
+    names = ("prompt_embeds", "prompt_attention_mask", "image_embeds") + (("image_tokens",) if tokens else ())
+    return conditioning({name: getattr(bucket, name)[rows].to(device) for name in names}, tokens)

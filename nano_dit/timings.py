@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .folders import write_aside
+
 TIMINGS_FILE = "timings.json"
 
 
@@ -137,9 +139,7 @@ def write_timings(run_dir: str | os.PathLike, timings: dict) -> Path:
     """`<run_dir>/timings.json`, written aside and renamed (a crash leaves the previous one)."""
     path = Path(run_dir) / TIMINGS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(timings, indent=2))
-    os.replace(tmp, path)
+    write_aside(path, json.dumps(timings, indent=2))
     return path
 
 

@@ -60,6 +60,15 @@ def stand_in_dir(tmp_path_factory):
     return make_stand_in_encoders(tmp_path_factory.mktemp("encoders"), seed=0, image_size=32)
 
 
+# DDP on CPU: Accelerate's multi-process launcher with two processes, and ACCELERATE_USE_CPU for the
+# gloo backend. Followed by a script (or `-m module`) and its arguments.
+TWO_CPU_PROCESSES = [
+    *("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"),
+    *("--mixed_precision", "no", "--dynamo_backend", "no"),
+]
+TWO_CPU_PROCESSES_ENV = {"HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+
+
 def load_train_script():
     """train_nano_dit.py as a module: it is a script (so that `accelerate launch` runs it), not
     part of the package."""

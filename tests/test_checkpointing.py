@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_train_script
+from conftest import TWO_CPU_PROCESSES, TWO_CPU_PROCESSES_ENV, load_train_script
 from safetensors.torch import load_file
 
 from nano_dit import checkpointing
@@ -308,15 +308,12 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_install(tmp_path, stand_in_
 
 def _launch_two_processes(args):
     script = Path(__file__).parents[1] / "train_nano_dit.py"
-    # DDP on CPU: Accelerate's multi-process launcher, with ACCELERATE_USE_CPU for the gloo backend.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     result = subprocess.run(
-        [*launch, *args],
+        [sys.executable, *TWO_CPU_PROCESSES, str(script), *args],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"},
+        env={**os.environ, **TWO_CPU_PROCESSES_ENV},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result

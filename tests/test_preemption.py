@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import load_train_script
+from conftest import TWO_CPU_PROCESSES, TWO_CPU_PROCESSES_ENV, load_train_script
 from safetensors.torch import load_file
 
 from nano_dit.checkpointing import list_checkpoints, verify_checkpoint
@@ -97,10 +97,8 @@ def test_a_signalled_run_checkpoints_its_step_exits_75_and_resumes_to_the_same_w
 
 @pytest.mark.slow
 def test_a_signal_to_one_of_two_processes_stops_both_after_one_step_and_they_resume_exactly(tmp_path, stand_in_dir):
-    # DDP on CPU, as tests/test_checkpointing.py launches it; SIGTERM to rank 1 alone.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT)]
-    env = {"HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    # DDP on CPU; SIGTERM to rank 1 alone.
+    launch, env = [sys.executable, *TWO_CPU_PROCESSES, str(SCRIPT)], TWO_CPU_PROCESSES_ENV
 
     def to_rank_1(launcher: psutil.Process) -> None:
         # the workers are the launcher's children; each knows its rank from its environment
@@ -177,12 +175,15 @@ def test_a_signal_at_the_last_step_lets_the_run_finish(tmp_path, stand_in_dir, m
 
 def test_stop_signals_note_the_signal_say_so_and_put_the_handlers_back(capfd):
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    with StopSignals() as stop:
+    stop = StopSignals().install()
+    try:
         assert stop.should_stop() is None
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.should_stop() == "SIGUSR1"
         os.kill(os.getpid(), signal.SIGTERM)  # a second one changes nothing
         assert stop.should_stop() == "SIGUSR1"
+    finally:
+        stop.restore()
     assert {sig: signal.getsignal(sig) for sig in previous} == previous
     err = capfd.readouterr().err
     assert "SIGUSR1 received: finishing this step, then writing a checkpoint" in err
@@ -202,8 +203,7 @@ def test_the_slurm_script_checkpoints_on_its_warning_requeues_and_its_next_run_f
         "SLURM_JOB_ID": "4242",
         "SLURM_GPUS_ON_NODE": "2",
         "SLURM_SUBMIT_DIR": str(SCRIPT.parent),
-        "ACCELERATE_USE_CPU": "1",  # DDP on CPU (gloo), as the other multi-process tests launch it
-        "HF_HUB_OFFLINE": "1",
+        **TWO_CPU_PROCESSES_ENV,  # DDP on CPU (gloo), as the other multi-process tests launch it
     }
     job = ["bash", str(SCRIPT.parent / "scripts" / "slurm_train.sbatch"), *_args(tmp_path, stand_in_dir, "run")]
     run = tmp_path / "run"

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import load_script, load_train_script, randomize_
+from conftest import TWO_CPU_PROCESSES, TWO_CPU_PROCESSES_ENV, load_script, load_train_script, randomize_
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from nano_dit import NanoDiTPipeline, NanoDiTTransformer2DModel
@@ -679,9 +679,8 @@ def test_two_processes_validate_to_the_figures_and_pictures_of_one(tmp_path, sta
         main([*validate, "--output-dir", str(tmp_path / "one")])
     finally:
         torch.set_num_threads(threads)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nano_dit.cli"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    launch = [sys.executable, *TWO_CPU_PROCESSES, "-m", "nano_dit.cli"]
+    env = {**os.environ, **TWO_CPU_PROCESSES_ENV}
     two = subprocess.run(
         [*launch, *validate, "--output-dir", str(tmp_path / "two")],
         capture_output=True,
