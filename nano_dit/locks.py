@@ -8,9 +8,10 @@ renames. `BuildLock` lets the first build and the others wait, then read what it
         if still_missing():   # checked again: another run may have built it while this one waited
             build()
 
-The lock is a file beside the folder (`<folder>.lock`), created atomically (O_EXCL, which local
-disks, NFS and Lustre all honour) and holding its owner: host, process id, a token and when it
-started. While held, a thread touches it every `heartbeat` seconds. A lock left by a killed run
+The lock is a file beside the folder (`<folder>.lock`), holding its owner (host, process id, a
+token and when it started): written under a name of its own, then hard-linked to the lock's name,
+which fails when the lock is held (atomic on local disks, NFS and Lustre alike) and never shows a
+lock without its owner. While held, a thread touches it every `heartbeat` seconds. A lock left by a killed run
 never blocks for ever: it is taken over, with a warning, when its process is gone (same host) or
 when it has shown no sign of life (no touch, seen on this process's own clock, so the hosts'
 clocks need not agree) for `stale_after` seconds.
@@ -102,21 +103,27 @@ class BuildLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         start, seen = time.monotonic(), {}  # what each lock file looked like, and since when (our clock)
         me = Holder.me()
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _holder(self.path)
-                if holder is not None and self._stale(holder, seen):
-                    continue
-                if self.waited_for is None and holder is not None:
-                    self.waited_for = holder
-                    print(f"data: waiting for {holder}, which is building {self.what} ({self.path})", file=sys.stderr)
-                time.sleep(self.poll)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(asdict(me), f)
-            break
+        # The owner is written first, into a file of this process's own, and linked to the lock's
+        # name in one step that fails if the lock is held: a lock is never seen without its owner.
+        mine = self.path.with_name(f"{self.path.name}.{me.token}")
+        mine.write_text(json.dumps(asdict(me)))
+        try:
+            while True:
+                try:
+                    os.link(mine, self.path)
+                    break
+                except FileExistsError:
+                    holder = _holder(self.path)
+                    if holder is not None and self._stale(holder, seen):
+                        continue
+                    if self.waited_for is None and holder is not None:
+                        self.waited_for = holder
+                        print(
+                            f"data: waiting for {holder}, which is building {self.what} ({self.path})", file=sys.stderr
+                        )
+                    time.sleep(self.poll)
+        finally:
+            mine.unlink(missing_ok=True)
         self._me, self.waited = me, time.monotonic() - start if self.waited_for else 0.0
         self._stop.clear()
         self._beat = threading.Thread(target=self._heartbeat, name=f"heartbeat {self.path.name}", daemon=True)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +127,33 @@ def test_a_lock_file_cut_short_is_judged_by_its_age(tmp_path, content, caplog):
     ):
         pass
     assert "taking over" in caplog.text
+
+
+def _take_and_release(folder: str, times: int) -> None:
+    for _ in range(times):
+        with BuildLock(Path(folder) / "cache", "the feature cache", heartbeat=60):
+            pass
+
+
+def test_a_lock_is_never_seen_without_its_owner(tmp_path):
+    """Another process takes and releases the lock 500 times while this one reads the lock file as
+    fast as it can: every read finds the owner whole (a waiter names whom it waits for). A lock
+    created empty and written after would be read empty thousands of times here."""
+    import multiprocessing
+
+    taker = multiprocessing.get_context("spawn").Process(target=_take_and_release, args=(str(tmp_path), 500))
+    taker.start()
+    path, seen, ownerless = tmp_path / "cache.lock", 0, 0
+    while taker.is_alive():
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            continue
+        seen += 1
+        try:
+            Holder(**json.loads(text))
+        except (json.JSONDecodeError, TypeError):
+            ownerless += 1
+    taker.join()
+    assert taker.exitcode == 0 and seen > 0
+    assert ownerless == 0, f"{ownerless} of {seen} reads found a lock without its owner"
