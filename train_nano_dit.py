@@ -48,6 +48,7 @@ from nano_dit.data import CachedBatches, cache_fits_on_device, conditioning, mod
 from nano_dit.feature_cache import cache_nbytes, load_cache
 from nano_dit.flow_matching import LossBySigma
 from nano_dit.hub import HubRepoRefused, PushFailed, create_run_repo, ema_pipeline, export_run, recorded_figures
+from nano_dit.locks import BuildLock
 from nano_dit.metrics import ImageMetrics
 from nano_dit.preemption import PREEMPTED_EXIT_CODE, Preempted, StopSignals, clear_stop_record, write_stop_record
 from nano_dit.recorder import ValidationRecorder
@@ -62,11 +63,19 @@ SIGMA_BINS = 4  # the tracker gets the loss per quarter of the noise range
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Train; returns the last validation's results and verdict. Every phase is timed into
-    `<output-dir>/timings.json`."""
-    # ---------------------------------------------------------------- setup
-    started, timer = time.perf_counter(), PhaseTimer()
+    """Train; returns the last validation's results and verdict (with --seeds: {seed: those} for
+    the seeds this process ran). Every phase is timed into `<output-dir>/timings.json`."""
+    started = time.perf_counter()
     config = parse_config(argv)
+    if config.seeds is not None:
+        return train_seeds(config)
+    return train(config, started)
+
+
+def train(config: TrainConfig, started: float | None = None) -> dict:
+    """One run of `config`, timed from `started` (its parsing), else from here."""
+    # ---------------------------------------------------------------- setup
+    started, timer = started or time.perf_counter(), PhaseTimer()
     # Unset flags (None) leave the choice to `accelerate launch` (its flags or config file).
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -271,6 +280,54 @@ def main(argv: list[str] | None = None) -> dict:
     if push_failed is not None:  # after the report: everything local is written
         raise push_failed
     return recorder.last
+
+
+def train_seeds(config: TrainConfig) -> dict:
+    """--seeds: one run of the design per seed, in `<output_dir>/seed<S>/`, then COMPARE.md over
+    them in `<output_dir>` (`nano_dit.compare`). One process runs them one after another. Launched
+    as N processes, each runs every N-th seed as a run of its own (one process, its own device:
+    no gradients are shared between seeds), and each writes COMPARE.md when its seeds are done,
+    under a lock, so that the last to finish leaves the whole comparison. A preempted seed stops
+    the sweep (exit 75); `--resume latest` then resumes every seed (a finished one has nothing left)."""
+    from nano_dit.compare import write_comparison
+
+    seeds = config.seed_list()
+    rank, processes = seed_process()
+    mine = seeds[rank::processes]
+    if processes > 1:  # on a CPU, each process a share of the cores (its launch no longer says how many share them)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        config = dataclasses.replace(config, cpu_threads=config.cpu_threads or max(cores // processes, 1))
+        print(
+            f"process {rank} of {processes}: seeds {', '.join(map(str, mine)) or 'none (more processes than seeds)'}"
+        )
+    results = {}
+    for seed in mine:
+        print(f"--seeds: seed {seed} ({seeds.index(seed) + 1} of {len(seeds)}) in {config.for_seed(seed).output_dir}")
+        results[seed] = train(config.for_seed(seed))
+    with BuildLock(Path(config.output_dir) / "COMPARE.md", "the comparison of the seeds"):
+        report = write_comparison([config.output_dir], out=config.output_dir)
+    print(f"the {len(seeds)} seeds compared: {report}")
+    return results
+
+
+def seed_process() -> tuple[int, int]:
+    """This process's index and the number of processes `accelerate launch` started; with more
+    than one, the launcher's distributed settings are taken off so that this process trains alone
+    (on a GPU, the one its local rank names)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1:
+        return 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    for name in LAUNCHER_VARIABLES:
+        os.environ.pop(name, None)
+    if torch.cuda.is_available() and not os.environ.get("ACCELERATE_USE_CPU"):
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())  # Accelerate's "cuda": this one
+    return rank, processes
+
+
+# What torchrun (under `accelerate launch`) sets to make a process one of several
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE")
+LAUNCHER_VARIABLES += ("ROLE_RANK", "ROLE_WORLD_SIZE")
 
 
 class EMAValidator:

@@ -7,6 +7,7 @@ nano-dit data encode --shards data/shards/100 --cache data/cache/100 --stand-in 
 nano-dit model-info --preset nano
 nano-dit export runs/nano/checkpoints/checkpoint_final --out exported/ [--push-to-hub user/nano-dit]
 nano-dit validate --checkpoint runs/nano/checkpoints/checkpoint_step0005000
+nano-dit compare runs/adaln runs/tokens   # groups of seeds (train_nano_dit.py --seeds 0,1,2) or run folders
 """
 
 from __future__ import annotations
@@ -197,6 +198,13 @@ def validate_checkpoint(
     return {**summary, "report": str(run_dir / "RESULTS.md")}
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from nano_dit.compare import write_comparison
+
+    report = write_comparison(args.runs, out=args.out)
+    print(f"wrote {report}")
+
+
 def _number(kind, minimum: float = 0, inclusive: bool = False):
     """An argparse type: a finite number of `kind` above `minimum` (or at it, when `inclusive`),
     refused in one line naming the value."""
@@ -350,6 +358,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     val.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     val.set_defaults(func=_validate)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="designs side by side from finished runs: COMPARE.md with every figure's mean and seed spread, "
+        "which differences exceed it, the curves overlaid and the sheets next to each other",
+    )
+    cmp.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_OR_GROUP",
+        help="a run folder, or a folder of runs (the seeds of one design, as --seeds writes them); "
+        "the first design is the baseline",
+    )
+    cmp.add_argument(
+        "--out",
+        default=None,
+        help="folder for COMPARE.md and compare/ (default: a single group's, else the runs' parent)",
+    )
+    cmp.set_defaults(func=_compare)
     return parser
 
 

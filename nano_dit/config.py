@@ -326,6 +326,12 @@ class TrainConfig:
     )
     tracker_project_name: str = setting("nano-dit", "the trackers' project (accelerator.init_trackers)")
     seed: int = setting(0, "seeds weights, data order, noise, CFG dropout and the validation noise")
+    seeds: str | None = setting(
+        None,
+        "several seeds, e.g. 0,1,2: one run of this design per seed, in <output_dir>/seed<S>/, one after "
+        "another (under `accelerate launch` with N processes: a seed per process, each a run of its own), then "
+        "<output_dir>/COMPARE.md: each figure's mean and spread over the seeds",
+    )
     cpu_threads: int | None = setting(None, "torch threads per process on a CPU run (default: the cores / processes)")
     compile: bool = setting(False, "torch.compile the transformer through Accelerate (pays off on a GPU)")
     compile_backend: str = setting("inductor", 'dynamo backend for --compile ("eager": capture, no code generation)')
@@ -417,6 +423,18 @@ class TrainConfig:
             raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.cpu_threads is not None and self.cpu_threads <= 0:
             raise ValueError(f"--cpu-threads must be > 0, got {self.cpu_threads}")
+        if self.seeds is not None:
+            self.seed_list()  # each one a seed, none twice
+            if self.push_to_hub:
+                raise ValueError(
+                    "--seeds with --push-to-hub: a sweep compares seeds; push the run you keep afterwards "
+                    "(nano-dit export RUN/checkpoints/checkpoint_final --push-to-hub REPO)"
+                )
+            if Path(self.checkpoint_dir) != Path(self.output_dir) / "checkpoints":
+                raise ValueError(
+                    f"--seeds with --checkpoint-dir {self.checkpoint_dir}: each seed's run keeps its checkpoints "
+                    "in its own folder, <output_dir>/seed<S>/checkpoints"
+                )
         _check_choices(self)
         self.sampling.check()
         self.prompts()  # the prompt files and reference images exist
@@ -433,6 +451,24 @@ class TrainConfig:
 
             if get_token() is None:  # found before training, not after it
                 raise ValueError("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+
+    def seed_list(self) -> list[int]:
+        """--seeds as a list: "0,1,2" (a YAML file may give a list), each in [0, 2**32), none twice."""
+        values = self.seeds if isinstance(self.seeds, (list, tuple)) else str(self.seeds).split(",")
+        try:
+            seeds = [int(str(v).strip()) for v in values]
+        except ValueError:
+            raise ValueError(f"--seeds must be integers separated by commas, e.g. 0,1,2, got {self.seeds!r}") from None
+        if not seeds or any(not 0 <= s < 2**32 for s in seeds):
+            raise ValueError(f"--seeds must each be in [0, 2**32), got {self.seeds!r}")
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"--seeds names a seed twice: {self.seeds!r}")
+        return seeds
+
+    def for_seed(self, seed: int) -> TrainConfig:
+        """The run of one seed of --seeds: that seed, in <output_dir>/seed<S>/."""
+        folder = str(Path(self.output_dir) / f"seed{seed}")
+        return dataclasses.replace(self, seed=seed, seeds=None, output_dir=folder, checkpoint_dir=None)
 
     @property
     def repo_id(self) -> str:
